@@ -1,0 +1,74 @@
+"""The request cache: every model reply ever received, keyed by a hash of what was asked.
+
+A run never pays twice for the same call: a re-run finds each reply here. Writes are committed one
+reply at a time (WAL mode, so a commit is cheap), so a killed run loses only the calls in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from .backends.base import Request
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS replies (
+    key TEXT PRIMARY KEY,
+    text TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    created REAL NOT NULL
+)
+"""
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_key(backend_identity: dict[str, Any], request: Request) -> str:
+    """Hash of everything that determines a reply. The identity holds no secrets (never the API key)."""
+    payload = {
+        "backend": backend_identity,
+        "messages": list(request.messages),
+        "sampling": request.sampling.as_dict(),
+        "schema": request.json_schema,
+        "sample_index": request.sample_index,
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+class Cache:
+    def __init__(self, path: Path):
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed reply survives a process kill (not a power loss), at no fsync cost.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(SCHEMA)
+
+    def get_many(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
+        found: dict[str, tuple[str, int, int]] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT key, text, prompt_tokens, completion_tokens FROM replies WHERE key IN ({marks})", chunk)
+            for key, text, prompt_tokens, completion_tokens in rows:
+                found[key] = (text, prompt_tokens, completion_tokens)
+        return found
+
+    def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
+                         (key, text, prompt_tokens, completion_tokens, time.time()))
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+    def close(self) -> None:
+        self._db.close()

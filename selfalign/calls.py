@@ -1,0 +1,181 @@
+"""Model calls as stages see them: cache first, then the backend, then validation and bounded re-asks.
+
+Every reply is validated here with pydantic even when the backend constrained decoding. An invalid reply
+is re-asked with the error quoted (a new request, so it has its own cache entry and resumes exactly);
+the caller's messages are never mutated. A call that still fails comes back as a `CallResult` with
+status "failed", its error, the number of attempts and the raw output: never as a silent None.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
+
+from .backends.base import Backend, Completion, Request
+from .cache import Cache, request_key
+from .errors import RunError
+from .progress import Progress
+
+REASK = ("Your reply could not be used: {error}\n"
+         "Reply again with only a JSON object that matches the required schema, nothing else.")
+
+
+@dataclass
+class CallResult:
+    value: Any
+    text: str | None
+    status: str  # "ok" | "failed"
+    error: str | None
+    attempts: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class CallStats:
+    requested: int = 0
+    cached: int = 0
+    sent: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def extract_json(text: str) -> str:
+    """Models without constrained decoding often wrap JSON in prose or ``` fences; take the object."""
+    fenced = re.search(r"```(?:json)?\s*(\{.*?\})\s*```", text, re.DOTALL)
+    if fenced:
+        return fenced.group(1)
+    start, end = text.find("{"), text.rfind("}")
+    return text[start:end + 1] if start != -1 and end > start else text
+
+
+def json_parser(model: type[BaseModel]) -> Callable[[str], dict[str, Any]]:
+    def parse(text: str) -> dict[str, Any]:
+        try:
+            return model.model_validate_json(extract_json(text)).model_dump()
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'reply'}: {e['msg']}" for e in exc.errors())
+            raise ValueError(problems) from None
+    return parse
+
+
+class ModelClient:
+    """One named model of the pipeline: a lazily started backend behind the shared cache."""
+
+    def __init__(self, name: str, make_backend: Callable[[], Backend], identity: dict[str, Any],
+                 cache: Cache | None, stats: CallStats, progress: Progress, offline: bool = False):
+        self.name = name
+        self.identity = identity
+        self._make_backend = make_backend
+        self._backend: Backend | None = None
+        self._cache = cache
+        self.stats = stats
+        self._progress = progress
+        self._offline = offline
+
+    @property
+    def backend(self) -> Backend:
+        # Started only when a call misses the cache: a fully cached re-run never loads a model.
+        if self._backend is None:
+            self._backend = self._make_backend()
+        return self._backend
+
+    def close(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def run(self, requests: list[Request], parse: Callable[[str], Any] | None, label: str,
+            max_attempts: int = 3) -> list[CallResult]:
+        """Answer every request; `parse` validates a reply (raise ValueError to re-ask)."""
+        results: list[CallResult | None] = [None] * len(requests)
+        current = list(requests)
+        attempts = [0] * len(requests)
+        pending = list(range(len(requests)))
+        for attempt in range(max_attempts):
+            if not pending:
+                break
+            suffix = "" if attempt == 0 else f" (re-ask {attempt})"
+            replies = self._complete([current[i] for i in pending], label + suffix)
+            still_invalid = []
+            for i, reply in zip(pending, replies):
+                attempts[i] += 1
+                if not reply.ok:
+                    # Transport failures were already retried by the backend; re-asking would not help.
+                    results[i] = CallResult(None, reply.text, "failed", reply.error, attempts[i])
+                    continue
+                try:
+                    value = parse(reply.text) if parse else reply.text
+                except ValueError as exc:
+                    results[i] = CallResult(None, reply.text, "failed", f"invalid reply: {exc}", attempts[i],
+                                            reply.prompt_tokens, reply.completion_tokens)
+                    current[i] = _reask(current[i], reply.text, str(exc))
+                    still_invalid.append(i)
+                    continue
+                results[i] = CallResult(value, reply.text, "ok", None, attempts[i],
+                                        reply.prompt_tokens, reply.completion_tokens)
+            pending = still_invalid
+        self.stats.failed += sum(1 for r in results if r is not None and not r.ok)
+        return _fill(results)
+
+    def _complete(self, requests: list[Request], label: str) -> list[Completion]:
+        started = time.perf_counter()
+        keys = [request_key(self.identity, r) for r in requests]
+        hits = self._cache.get_many(keys) if self._cache is not None else {}
+        replies: list[Completion | None] = [None] * len(requests)
+        misses = []
+        for i, key in enumerate(keys):
+            if key in hits:
+                text, prompt_tokens, completion_tokens = hits[key]
+                replies[i] = Completion(text, prompt_tokens, completion_tokens)
+            else:
+                misses.append(i)
+        self.stats.requested += len(requests)
+        self.stats.cached += len(requests) - len(misses)
+        bar = self._progress.bar(label, total=len(requests), done=len(requests) - len(misses))
+        if misses and self._offline:
+            raise RunError(f"model {self.name!r}: {len(misses)} call(s) are not in the cache and this command "
+                           "sends no model calls; run the pipeline first (selfalign run)")
+        if misses:
+            def on_result(j: int, completion: Completion) -> None:
+                i = misses[j]
+                replies[i] = completion
+                if completion.ok and self._cache is not None:
+                    self._cache.put(keys[i], completion.text, completion.prompt_tokens, completion.completion_tokens)
+                self.stats.prompt_tokens += completion.prompt_tokens
+                self.stats.completion_tokens += completion.completion_tokens
+                bar.advance(completion)
+
+            self.stats.sent += len(misses)
+            answered = self.backend.generate([requests[i] for i in misses], on_result=on_result)
+            for j, completion in enumerate(answered):
+                if replies[misses[j]] is None:  # a backend that did not report through on_result
+                    on_result(j, completion)
+        bar.close()
+        self.stats.seconds += time.perf_counter() - started
+        return [r if r is not None else Completion(None, error="no reply") for r in replies]
+
+
+def _reask(request: Request, bad_reply: str, error: str) -> Request:
+    messages = request.messages + ({"role": "assistant", "content": bad_reply},
+                                   {"role": "user", "content": REASK.format(error=error)})
+    return Request(messages=messages, sampling=request.sampling, json_schema=request.json_schema,
+                   sample_index=request.sample_index)
+
+
+def _fill(results: list[CallResult | None]) -> list[CallResult]:
+    return [r if r is not None else CallResult(None, None, "failed", "no reply", 0) for r in results]
+

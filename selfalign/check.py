@@ -1,0 +1,80 @@
+"""Check a whole pipeline before anything runs: model names, prompt files and their variables, and the
+column flow from stage to stage. Returns every problem found, each at its file and line."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from .config import LoadedPipeline
+from .errors import ConfigError
+from .models import DEFAULT_MODEL_NAME, LlamaCppModel
+from .prompts import TemplateError, load_template
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def effective_models(pipeline) -> dict:
+    """The pipeline's models, plus the embedded default under `default` when a stage relies on it."""
+    models = dict(pipeline.models)
+    models.setdefault(DEFAULT_MODEL_NAME, LlamaCppModel())
+    return models
+
+
+def resolve_path(value: str, pipeline_path: Path) -> Path:
+    """Relative paths are looked up in the current directory, then beside the pipeline file, then in the
+    selfalign checkout (for the bundled prompts/)."""
+    path = Path(value)
+    if path.is_absolute():
+        return path
+    candidates = [Path.cwd() / path, pipeline_path.parent / path, PROJECT_ROOT / path]
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
+def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
+    pipeline, file = loaded.pipeline, str(loaded.path)
+    models = effective_models(pipeline)
+    errors: list[ConfigError] = []
+    columns: set[str] = set()
+    for index, stage in enumerate(pipeline.stages):
+        def error(message: str, field: str | None = None) -> None:
+            line = loaded.line("stages", index, field) if field else loaded.line("stages", index)
+            errors.append(ConfigError(message, file=file, line=line, stage=index, kind=stage.kind, field=field))
+
+        if (index == 0) != (stage.kind == "load"):
+            error("the first stage must be `kind: load` (and only the first)", "kind")
+        for name in stage.model_names():
+            if name not in models:
+                close = difflib.get_close_matches(name, list(models), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                error(f"model {name!r} is not defined under models:; {hint}defined: {', '.join(sorted(models))}",
+                      "model")
+        for field, (template_path, provided) in stage.templates().items():
+            path = resolve_path(template_path, loaded.path)
+            if not path.is_file():
+                error(f"prompt file {template_path!r} not found (looked in the current directory, beside the "
+                      f"pipeline and in {PROJECT_ROOT / 'prompts'}); fix the path", field)
+                continue
+            try:
+                template = load_template(path)
+            except TemplateError as exc:
+                error(str(exc), field)
+                continue
+            unknown = template.variables - provided
+            if unknown:
+                error(f"template {template_path} uses {', '.join(sorted(unknown))}, which this stage does not "
+                      f"provide; it provides: {', '.join(sorted(provided))}", field)
+        missing = stage.needs() - columns
+        if missing and index > 0:
+            error(f"needs column(s) {', '.join(sorted(missing))}, which no earlier stage makes; available: "
+                  f"{', '.join(sorted(columns)) or 'none'}. Add the stage that makes them earlier in the pipeline",
+                  _field_for_missing(stage))
+        columns |= stage.adds()
+    return errors
+
+
+def _field_for_missing(stage) -> str | None:
+    for field in ("where", "targets", "formats", "rule"):
+        if field in type(stage).model_fields:
+            return field
+    return None

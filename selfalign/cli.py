@@ -1,0 +1,98 @@
+"""`selfalign` command line. Thin: each verb parses its arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import SelfalignError
+
+
+def cmd_run(args) -> int:
+    from .config import load_pipeline
+    from .runner import run_pipeline
+
+    loaded = load_pipeline(args.file, args.set or [])
+    manifest = run_pipeline(loaded, output=args.output, limit=args.limit, quiet=args.quiet)
+    if not args.quiet:
+        calls = manifest["model_calls"]
+        print(f"done in {manifest['seconds']:.1f}s: {manifest['rows_out']} rows out; model calls: "
+              f"{calls['requested']} requested, {calls['cached']} cached, {calls['sent']} sent, "
+              f"{calls['failed']} failed", file=sys.stderr)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .check import check_pipeline
+    from .config import load_pipeline
+    from .errors import ConfigErrors
+
+    loaded = load_pipeline(args.file, args.set or [])
+    errors = check_pipeline(loaded)
+    if errors:
+        raise ConfigErrors(errors)
+    print(f"{args.file}: ok ({len(loaded.pipeline.stages)} stages)")
+    return 0
+
+
+def cmd_schema(args) -> int:
+    from .config import Pipeline
+
+    print(json.dumps(Pipeline.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_render(args) -> int:
+    from .render import render
+
+    print(render(args.file, args.stage, args.row, overrides=args.set or [], output=args.output))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfalign", description="Make preference data with a model judging "
+                                     "itself, checked against human labels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_file(p):
+        p.add_argument("file", help="pipeline YAML file")
+        p.add_argument("--set", action="append", metavar="PATH=VALUE",
+                       help="override a value, e.g. --set models.critic.base_url=http://127.0.0.1:9000/v1")
+        return p
+
+    run = with_file(sub.add_parser("run", help="run a pipeline (resumes from its cache)"))
+    run.add_argument("--limit", type=int, help="read only the first N input rows")
+    run.add_argument("--output", help="run directory (default: outputs/<pipeline name>)")
+    run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.set_defaults(func=cmd_run)
+
+    validate = with_file(sub.add_parser("validate", help="check a pipeline completely without calling a model"))
+    validate.set_defaults(func=cmd_validate)
+
+    schema = sub.add_parser("schema", help="print the JSON schema of the pipeline file")
+    schema.set_defaults(func=cmd_schema)
+
+    render = with_file(sub.add_parser("render", help="print the exact messages a stage sends for one row"))
+    render.add_argument("--stage", type=int, required=True, help="stage index (0 is the load stage)")
+    render.add_argument("--row", type=int, default=0, help="row index in that stage's input")
+    render.add_argument("--output", help="run directory whose cache serves earlier model stages")
+    render.set_defaults(func=cmd_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SelfalignError as exc:
+        print(f"error: {exc}" if "\n" not in str(exc) else f"error:\n{exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; finished calls are cached, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

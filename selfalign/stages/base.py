@@ -1,0 +1,44 @@
+"""What every stage shares: its config base class and the shape of what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from ..models import Strict
+
+
+class StageConfig(Strict):
+    """A stage's YAML block. Subclasses declare the columns they read and write so that the runner can
+    check the whole chain before the first model call."""
+
+    kind: str
+
+    def needs(self) -> set[str]:
+        return set()
+
+    def adds(self) -> set[str]:
+        return set()
+
+    def model_names(self) -> list[str]:
+        model = getattr(self, "model", None)
+        return [model] if model else []
+
+    def templates(self) -> dict[str, tuple[str, set[str]]]:
+        """field name -> (template path, variables the stage provides to it)."""
+        return {}
+
+
+@dataclass
+class StageOutput:
+    kept: pl.DataFrame
+    # Rows that did not make it, each with a `drop_reason` (and for model failures: status, error, ...).
+    dropped: pl.DataFrame | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def drop(df: pl.DataFrame, reason: str | pl.Expr) -> pl.DataFrame:
+    """Mark rows as dropped with a reason (a literal or a per-row expression)."""
+    return df.with_columns(drop_reason=pl.lit(reason) if isinstance(reason, str) else reason)

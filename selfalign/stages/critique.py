@@ -1,0 +1,134 @@
+"""critique: n scored critiques per (prompt, response), as in Critic-RM.
+
+Each reply is a validated `{critique, score}` (or, with a rubric, one score per named criterion and a
+weighted total). A row any of whose calls failed after its attempts goes to `dropped/` with
+`drop_reason: model_call_failed` and the failure's status, error, attempts and raw output; a re-run
+asks again only for those calls (the others are in the cache).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import polars as pl
+from pydantic import BaseModel, Field, create_model, model_validator
+
+from ..backends.base import Request, Sampling
+from ..calls import json_parser
+from ..models import DEFAULT_MODEL_NAME, Strict
+from .base import StageConfig, StageOutput
+
+CRITIQUE = pl.Struct({"text": pl.Utf8, "score": pl.Float64, "sample_index": pl.Int64, "model": pl.Utf8,
+                      "criterion_scores": pl.List(pl.Struct({"name": pl.Utf8, "score": pl.Float64}))})
+
+
+class Criterion(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="snake_case, used as a JSON key")
+    description: str
+    weight: float = Field(1.0, gt=0)
+
+
+class SamplingConfig(Strict):
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(384, ge=1)
+    seed: int | None = Field(0, description="sample i uses seed + i; null for unseeded")
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.max_tokens, self.seed)
+
+
+class CritiqueConfig(StageConfig):
+    kind: Literal["critique"]
+    model: str = DEFAULT_MODEL_NAME
+    prompt: str = "prompts/critique.jinja"
+    samples: int = Field(4, ge=1, le=64)
+    score_range: tuple[int, int] = (1, 10)
+    targets: list[Literal["chosen", "rejected"]] = ["chosen", "rejected"]
+    rubric: list[Criterion] | None = None
+    sampling: SamplingConfig = SamplingConfig()
+    max_attempts: int = Field(3, ge=1, le=10, description="re-asks of an invalid reply, with the error quoted")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.score_range[0] >= self.score_range[1]:
+            raise ValueError("score_range must be [low, high] with low < high")
+        if not self.targets:
+            raise ValueError("targets needs at least one of chosen, rejected")
+        return self
+
+    def needs(self) -> set[str]:
+        return {"prompt", *self.targets}
+
+    def adds(self) -> set[str]:
+        return {f"{t}_critiques" for t in self.targets}
+
+    def templates(self) -> dict[str, tuple[str, set[str]]]:
+        return {"prompt": (self.prompt, {"prompt", "response", "score_min", "score_max", "rubric"})}
+
+    def reply_model(self) -> type[BaseModel]:
+        low, high = self.score_range
+        score = (int, Field(ge=low, le=high))
+        if not self.rubric:
+            return create_model("Critique", critique=(str, Field(min_length=1)), score=score)
+        scores = create_model("Scores", **{c.name: score for c in self.rubric})
+        return create_model("RubricCritique", critique=(str, Field(min_length=1)), scores=(scores, ...))
+
+
+def score_of(value: dict[str, Any], config: CritiqueConfig) -> tuple[float, list[dict[str, Any]]]:
+    if not config.rubric:
+        return float(value["score"]), []
+    per = [{"name": c.name, "score": float(value["scores"][c.name])} for c in config.rubric]
+    total = sum(c.weight * value["scores"][c.name] for c in config.rubric) / sum(c.weight for c in config.rubric)
+    return round(total, 4), per
+
+
+def build_requests(df: pl.DataFrame, config: CritiqueConfig, ctx) -> list[Request]:
+    """Requests in (row, target, sample) order."""
+    template = ctx.template(config.prompt)
+    schema = config.reply_model().model_json_schema()
+    sampling = config.sampling.sampling()
+    rubric = [c.model_dump() for c in config.rubric] if config.rubric else None
+    requests = []
+    for row in df.select("prompt", *config.targets).iter_rows(named=True):
+        for target in config.targets:
+            messages = tuple(template.render_messages(
+                prompt=row["prompt"], response=row[target], score_min=config.score_range[0],
+                score_max=config.score_range[1], rubric=rubric))
+            requests.extend(Request(messages, sampling, schema, sample_index=s) for s in range(config.samples))
+    return requests
+
+
+def run(df: pl.DataFrame, config: CritiqueConfig, ctx) -> StageOutput:
+    client = ctx.client(config.model)
+    requests = build_requests(df, config, ctx)
+    results = client.run(requests, json_parser(config.reply_model()), label=f"critique ({config.model})",
+                         max_attempts=config.max_attempts)
+    per_row = len(config.targets) * config.samples
+    columns: dict[str, list] = {f"{t}_critiques": [] for t in config.targets}
+    failures: list[dict[str, Any] | None] = []
+    for row in range(df.height):
+        failure = None
+        for t_index, target in enumerate(config.targets):
+            critiques = []
+            for s in range(config.samples):
+                result = results[row * per_row + t_index * config.samples + s]
+                if result.ok:
+                    score, per = score_of(result.value, config)
+                    critiques.append({"text": result.value["critique"], "score": score, "sample_index": s,
+                                      "model": config.model, "criterion_scores": per})
+                elif failure is None:
+                    failure = {"status": "failed", "error": f"{target} sample {s}: {result.error}",
+                               "attempts": result.attempts, "raw_output": result.text}
+            columns[f"{target}_critiques"].append(critiques)
+        failures.append(failure)
+    out = df.with_columns(pl.Series(name, values, dtype=pl.List(CRITIQUE)) for name, values in columns.items())
+    failed = pl.Series([f is not None for f in failures], dtype=pl.Boolean)
+    failure_rows = [f for f in failures if f is not None]
+    dropped = out.filter(failed).with_columns(
+        drop_reason=pl.lit("model_call_failed"),
+        status=pl.Series([f["status"] for f in failure_rows], dtype=pl.Utf8),
+        error=pl.Series([f["error"] for f in failure_rows], dtype=pl.Utf8),
+        attempts=pl.Series([f["attempts"] for f in failure_rows], dtype=pl.Int64),
+        raw_output=pl.Series([f["raw_output"] for f in failure_rows], dtype=pl.Utf8))
+    return StageOutput(out.filter(~failed), dropped, metrics={"calls": len(requests)})

@@ -1,0 +1,155 @@
+"""load: read human data (local jsonl/json/parquet/csv, or a `datasets` id) into canonical columns.
+
+Bad input fails closed by default, naming the file, row and column; `on_bad_row: drop` keeps going and
+writes each bad row to `dropped/` with the reason instead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import polars as pl
+from pydantic import Field, model_validator
+
+from ..errors import DataError
+from ..formats import COLUMNS, MAPPERS, RowError
+from .base import StageConfig, StageOutput
+
+MESSAGES = pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8}))
+
+
+class LoadConfig(StageConfig):
+    kind: Literal["load"]
+    path: str | None = Field(None, description="local file: .jsonl, .jsonl.gz, .json, .parquet, .csv")
+    hf: str | None = Field(None, description="a `datasets` id or local dataset folder, read with load_dataset")
+    split: str = "train"
+    config: str | None = None
+    revision: str | None = None
+    format: Literal["hh-rlhf", "trl", "prompts"]
+    on_bad_row: Literal["error", "drop"] = "error"
+    max_chars: int = Field(200_000, ge=1, description="longest text accepted in one field")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of `path:` (a local file) or `hf:` (a datasets id)")
+        return self
+
+    def adds(self) -> set[str]:
+        return {"row_id", "source", *COLUMNS[self.format]}
+
+
+def row_id(row: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8",
+                                file=str(path), row=number) from None
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", file=str(path), row=number) from None
+            if not isinstance(value, dict):
+                raise DataError(f"expected a JSON object per line, got {type(value).__name__}", file=str(path),
+                                row=number)
+            yield number, value
+
+
+def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        yield from _read_jsonl(path)
+        return
+    try:
+        if name.endswith(".parquet"):
+            frame = pl.read_parquet(path)
+        elif name.endswith(".csv"):
+            frame = pl.read_csv(path, infer_schema=False)
+        elif name.endswith(".json"):
+            data = json.loads(path.read_bytes().decode("utf-8"))
+            if not isinstance(data, list):
+                raise DataError("a .json file must hold a list of objects (or use .jsonl)", file=str(path))
+            yield from enumerate(data, start=1)
+            return
+        else:
+            raise DataError("unknown file type; use .jsonl, .jsonl.gz, .json, .parquet or .csv", file=str(path))
+    except (UnicodeDecodeError, pl.exceptions.ComputeError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read: {exc}", file=str(path)) from None
+    yield from enumerate(frame.iter_rows(named=True), start=1)
+
+
+def _read_hf(config: LoadConfig) -> Iterator[tuple[int, dict[str, Any]]]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(config.hf, config.config, split=config.split, revision=config.revision)
+    except Exception as exc:  # datasets raises many types; the user needs the message and the id
+        raise DataError(f"cannot load with datasets.load_dataset: {type(exc).__name__}: {exc}", file=config.hf) \
+            from None
+    yield from enumerate(dataset, start=1)
+
+
+def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
+    if config.path is not None:
+        path = ctx.resolve(config.path)
+        if not path.is_file():
+            raise DataError("file not found; fix `path:` (relative paths are read from the current directory "
+                            "or the pipeline file's directory)", file=config.path)
+        rows, source_name = _read_rows(path), str(path)
+    else:
+        rows, source_name = _read_hf(config), config.hf
+    mapper = MAPPERS[config.format]
+    kept: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    count = 0
+    for number, raw in rows:
+        if ctx.limit is not None and count >= ctx.limit:
+            break
+        count += 1
+        try:
+            row = mapper(raw)
+            _check_lengths(row, config.max_chars)
+        except RowError as exc:
+            if config.on_bad_row == "error":
+                raise DataError(f"{exc} (format {config.format})", file=source_name, row=number,
+                                column=exc.column) from None
+            dropped.append({"source_row": number, "drop_reason": f"bad_input: {exc.column}: {exc}",
+                            "raw": json.dumps(raw, ensure_ascii=False, default=str)[:10_000]})
+            continue
+        identity = row_id(row)
+        if identity in seen:
+            dropped.append({"source_row": number, "drop_reason": "duplicate_row",
+                            "raw": json.dumps(raw, ensure_ascii=False, default=str)[:10_000]})
+            continue
+        seen.add(identity)
+        kept.append({"row_id": identity, **row, "source": "human"})
+    if count == 0:
+        raise DataError("has no rows; point `path:` at a file with data", file=source_name)
+    schema = {"row_id": pl.Utf8, "prompt": MESSAGES, "chosen": pl.Utf8, "rejected": pl.Utf8, "source": pl.Utf8}
+    columns = ["row_id", *COLUMNS[config.format], "source"]
+    frame = pl.DataFrame(kept, schema={c: schema[c] for c in columns})
+    dropped_frame = pl.DataFrame(dropped, schema={"source_row": pl.Int64, "drop_reason": pl.Utf8, "raw": pl.Utf8})
+    return StageOutput(frame, dropped_frame, metrics={"rows_read": count})
+
+
+def _check_lengths(row: dict[str, Any], max_chars: int) -> None:
+    for column, value in row.items():
+        texts = [value] if isinstance(value, str) else [m["content"] for m in value]
+        size = sum(len(t) for t in texts)
+        if size > max_chars:
+            raise RowError(f"{size:,} characters, over max_chars ({max_chars:,}); raise `max_chars:` or drop "
+                           f"such rows (on_bad_row: drop)", column)
