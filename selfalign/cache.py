@@ -43,8 +43,13 @@ def request_key(backend_identity: dict[str, Any], request: Request) -> str:
 
 
 class Cache:
+    FLUSH_EVERY_S = 0.25
+    FLUSH_EVERY_ROWS = 256
+
     def __init__(self, path: Path):
         self.path = path
+        self._pending: list[tuple] = []
+        self._last_flush = time.monotonic()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed reply survives a process kill (not a power loss), at no fsync cost.
@@ -52,6 +57,7 @@ class Cache:
         self._db.execute(SCHEMA)
 
     def get_many(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
+        self.flush()
         found: dict[str, tuple[str, int, int]] = {}
         unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), 500):
@@ -64,11 +70,22 @@ class Cache:
         return found
 
     def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
-                         (key, text, prompt_tokens, completion_tokens, time.time()))
+        self._pending.append((key, text, prompt_tokens, completion_tokens, time.time()))
+        if len(self._pending) >= self.FLUSH_EVERY_ROWS or time.monotonic() - self._last_flush > self.FLUSH_EVERY_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            with self._db:  # one transaction
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)", self._pending)
+            self._pending = []
+        self._last_flush = time.monotonic()
 
     def __len__(self) -> int:
+        self.flush()
         return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
     def close(self) -> None:
+        self.flush()
         self._db.close()

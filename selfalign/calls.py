@@ -160,10 +160,14 @@ class ModelClient:
                 bar.advance(completion)
 
             self.stats.sent += len(misses)
-            answered = self.backend.generate([requests[i] for i in misses], on_result=on_result)
-            for j, completion in enumerate(answered):
-                if replies[misses[j]] is None:  # a backend that did not report through on_result
-                    on_result(j, completion)
+            try:
+                answered = self.backend.generate([requests[i] for i in misses], on_result=on_result)
+                for j, completion in enumerate(answered):
+                    if replies[misses[j]] is None:  # a backend that did not report through on_result
+                        on_result(j, completion)
+            finally:
+                if self._cache is not None:
+                    self._cache.flush()
         bar.close()
         self.stats.seconds += time.perf_counter() - started
         return [r if r is not None else Completion(None, error="no reply") for r in replies]

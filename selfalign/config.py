@@ -135,7 +135,8 @@ def _to_config_error(error: dict, data: dict, path: Path, lines: dict) -> Config
         message = "required field is missing"
     elif error_type == "union_tag_invalid":
         choices = sorted(STAGES) if stage is not None else sorted(MODEL_CLASSES)
-        bad = str(error.get("input", ""))
+        bad = str((error.get("ctx") or {}).get("tag", ""))
+        field_path = field_path + [("kind" if stage is not None else "backend")]
         what = "stage kind" if stage is not None else "backend"
         message = f"unknown {what} {bad!r}{_did_you_mean(bad, choices)}; choose one of {', '.join(choices)}"
     elif error_type == "union_tag_not_found":

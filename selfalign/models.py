@@ -49,6 +49,9 @@ class VLLMModel(Strict):
     max_model_len: int | None = None
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     chunk_size: int = Field(1024, ge=1, description="requests per LLM.chat call; results are cached per chunk")
+    # On vLLM's CPU build the default memory check (0.92 of a NUMA node) fails on a shared machine; a fixed
+    # KV-cache size skips it. Leave unset on a GPU.
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
 
 
 class FakeModel(Strict):
@@ -56,6 +59,7 @@ class FakeModel(Strict):
 
     backend: Literal["fake"]
     model: str = "fake"
+    latency_s: float = Field(0.0, ge=0, le=10, description="sleep per call, to make crash tests catch a run midway")
 
 
 ModelConfig = Annotated[Union[LlamaCppModel, OpenAIModel, VLLMModel, FakeModel], Field(discriminator="backend")]

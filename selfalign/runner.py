@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,12 @@ def prepare_run_dir(run_dir: Path) -> None:
                        "pass --output DIR") from None
 
 
+def remove_leftovers(run_dir: Path) -> None:
+    """Temp files of a killed run (see atomic.py): never read, so safe to remove once we hold the lock."""
+    for leftover in [*run_dir.rglob(".*.tmp"), *run_dir.rglob(".*.old")]:
+        shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
 def config_hash(loaded: LoadedPipeline) -> str:
     return hashlib.sha256(canonical_json(loaded.pipeline.model_dump(mode="json")).encode()).hexdigest()[:16]
 
@@ -145,8 +152,9 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
         rows_in = df.height
         ctx.progress.log(f"stage {index} ({stage.kind}): {rows_in} rows in")
         output = STAGES[stage.kind][1](df, stage, ctx)
-        dropped = output.dropped if output.dropped is not None else pl.DataFrame({"drop_reason": []},
-                                                                                 schema={"drop_reason": pl.Utf8})
+        dropped = output.dropped
+        if dropped is None:  # same columns as the rows, so every dropped/ file can be read the same way
+            dropped = output.kept.clear().with_columns(drop_reason=pl.lit(None, dtype=pl.Utf8))
         if write:
             name = f"{index:02d}-{stage.kind}.parquet"
             write_parquet(output.kept, ctx.run_dir / "stages" / name)
@@ -169,6 +177,7 @@ def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit
     prepare_run_dir(run_dir)
     started = time.time()
     with RunLock(run_dir):
+        remove_leftovers(run_dir)
         cache = Cache(run_dir / "cache.sqlite")
         ctx = RunContext(loaded, run_dir, cache, Progress(quiet), limit=limit,
                          backend_overrides=backend_overrides or {})

@@ -28,6 +28,9 @@ def load_yaml_with_lines(path: Path) -> tuple[Any, dict[Path_, int]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc)
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f" ({context} started at line {context_mark.line + 1})"
         raise ConfigError(f"malformed YAML: {problem}; fix the syntax (indentation, quotes, colons)",
                           file=str(path), line=mark.line + 1 if mark else None) from None
     lines: dict[Path_, int] = {}

@@ -27,9 +27,11 @@ def backend_for(config) -> tuple[dict[str, Any], Callable[[], Backend]]:
             from .vllm_backend import VLLMBackend
             return VLLMBackend(config.model, dtype=config.dtype, enforce_eager=config.enforce_eager,
                                max_model_len=config.max_model_len,
-                               gpu_memory_utilization=config.gpu_memory_utilization, chunk_size=config.chunk_size)
+                               gpu_memory_utilization=config.gpu_memory_utilization, chunk_size=config.chunk_size,
+                               **({"kv_cache_memory_bytes": config.kv_cache_memory_bytes}
+                                  if config.kv_cache_memory_bytes else {}))
         return identity, start
     if isinstance(config, FakeModel):
         from .fake import FakeBackend
-        return {"backend": "fake", "model": config.model}, lambda: FakeBackend(config.model)
+        return {"backend": "fake", "model": config.model}, lambda: FakeBackend(config.model, latency_s=config.latency_s)
     raise TypeError(f"unknown model config {config!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from typing import Any, Callable
 
 from .base import Completion, OnResult, Request
@@ -47,8 +48,10 @@ def value_for_schema(schema: dict[str, Any], seed: bytes, defs: dict[str, Any] |
 
 
 class FakeBackend:
-    def __init__(self, model: str = "fake", responder: Callable[[Request], str] | None = None):
+    def __init__(self, model: str = "fake", responder: Callable[[Request], str] | None = None,
+                 latency_s: float = 0.0):
         self.identity = {"backend": "fake", "model": model}
+        self.latency_s = latency_s
         self.responder = responder
         self.requests: list[Request] = []
 
@@ -64,6 +67,8 @@ class FakeBackend:
         results = []
         for index, request in enumerate(requests):
             self.requests.append(request)
+            if self.latency_s:
+                time.sleep(self.latency_s)
             try:
                 text = self.reply(request)
                 completion = Completion(text, prompt_tokens=sum(len(m["content"].split()) for m in request.messages),

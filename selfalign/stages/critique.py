@@ -48,6 +48,7 @@ class CritiqueConfig(StageConfig):
     rubric: list[Criterion] | None = None
     sampling: SamplingConfig = SamplingConfig()
     max_attempts: int = Field(3, ge=1, le=10, description="re-asks of an invalid reply, with the error quoted")
+    max_critique_chars: int = Field(600, ge=20)
 
     @model_validator(mode="after")
     def _check(self):
@@ -67,12 +68,15 @@ class CritiqueConfig(StageConfig):
         return {"prompt": (self.prompt, {"prompt", "response", "score_min", "score_max", "rubric"})}
 
     def reply_model(self) -> type[BaseModel]:
+        # An enum rather than minimum/maximum: grammar-constrained backends (llama.cpp) enforce enums but not
+        # numeric bounds. The length cap keeps a rambling model from running out of tokens mid-JSON.
         low, high = self.score_range
-        score = (int, Field(ge=low, le=high))
+        score = (Literal[tuple(range(low, high + 1))], ...)
+        critique = (str, Field(min_length=1, max_length=self.max_critique_chars))
         if not self.rubric:
-            return create_model("Critique", critique=(str, Field(min_length=1)), score=score)
+            return create_model("Critique", critique=critique, score=score)
         scores = create_model("Scores", **{c.name: score for c in self.rubric})
-        return create_model("RubricCritique", critique=(str, Field(min_length=1)), scores=(scores, ...))
+        return create_model("RubricCritique", critique=critique, scores=(scores, ...))
 
 
 def score_of(value: dict[str, Any], config: CritiqueConfig) -> tuple[float, list[dict[str, Any]]]:

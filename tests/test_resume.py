@@ -1,0 +1,76 @@
+"""kill -9 a real run midway, resume it, and get exactly what an undisturbed run gets."""
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+
+PIPELINE = """\
+schema_version: 1
+name: resume
+models:
+  critic: {{backend: fake, latency_s: 0.004}}
+stages:
+  - kind: load
+    path: {data}
+    format: hh-rlhf
+    on_bad_row: drop
+  - kind: critique
+    model: critic
+    samples: 2
+  - kind: consistency
+  - kind: export
+"""
+
+
+def start(pipeline, run_dir):
+    return subprocess.Popen([sys.executable, "-m", "selfalign.cli", "run", str(pipeline), "--output", str(run_dir),
+                             "--limit", "250", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def cached_replies(run_dir) -> int:
+    try:
+        with sqlite3.connect(run_dir / "cache.sqlite") as db:
+            return db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_then_resume_equals_undisturbed_run(write_pipeline, hh_data, tmp_path, seed):
+    pipeline = write_pipeline(PIPELINE.format(data=hh_data))
+    reference = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", str(pipeline), "--output",
+                                str(tmp_path / "reference"), "--limit", "250", "--quiet"], capture_output=True)
+    assert reference.returncode == 0, reference.stderr.decode()
+    total_calls = json.loads((tmp_path / "reference" / "manifest.json").read_text())["model_calls"]["sent"]
+
+    run_dir = tmp_path / "killed"
+    process = start(pipeline, run_dir)
+    deadline = time.monotonic() + 60
+    while cached_replies(run_dir) < 100 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0, 0.8))
+    assert process.poll() is None, "the run finished before it could be killed; raise the fake latency"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    persisted = cached_replies(run_dir)
+    assert 0 < persisted < total_calls
+    assert not (run_dir / "manifest.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", str(pipeline), "--output",
+                              str(run_dir), "--limit", "250", "--quiet"], capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    # Nothing persisted before the kill is paid for again.
+    assert manifest["model_calls"]["sent"] == total_calls - persisted
+    expected = pl.read_parquet(tmp_path / "reference" / "stages" / "03-export.parquet").sort("row_id")
+    got = pl.read_parquet(run_dir / "stages" / "03-export.parquet").sort("row_id")
+    assert got.equals(expected)
+    assert not list(run_dir.rglob("*.tmp"))  # no half-written file survived as if complete
