@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-FORMATS = ("hh-rlhf", "trl", "prompts")
+FORMATS = ("hh-rlhf", "trl", "prompts", "feedback")
 ROLES = {"system", "user", "assistant"}
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ")
 
@@ -107,6 +107,20 @@ def from_prompts(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": _messages(value, "prompt")}
 
 
-MAPPERS = {"hh-rlhf": from_hh_rlhf, "trl": from_trl, "prompts": from_prompts}
+def from_feedback(row: dict[str, Any]) -> dict[str, Any]:
+    """A chat log with the user's reaction: prompt, response, and free-text `feedback` and/or `thumbs`."""
+    prompt = from_prompts(row)["prompt"]
+    response = _text(row, "response")
+    feedback, thumbs = row.get("feedback"), row.get("thumbs")
+    if feedback is not None and not isinstance(feedback, str):
+        raise RowError(f"expected text, got {type(feedback).__name__}", "feedback")
+    if thumbs not in (None, "up", "down"):
+        raise RowError(f"expected up, down or null, got {thumbs!r}", "thumbs")
+    if not feedback and thumbs is None:
+        raise RowError("a row needs a reaction: feedback text and/or thumbs up/down", "feedback")
+    return {"prompt": prompt, "response": response, "feedback": feedback or "", "thumbs": thumbs}
+
+
+MAPPERS = {"hh-rlhf": from_hh_rlhf, "trl": from_trl, "prompts": from_prompts, "feedback": from_feedback}
 COLUMNS = {"hh-rlhf": ("prompt", "chosen", "rejected"), "trl": ("prompt", "chosen", "rejected"),
-           "prompts": ("prompt",)}
+           "prompts": ("prompt",), "feedback": ("prompt", "response", "feedback", "thumbs")}

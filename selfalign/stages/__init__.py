@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
-from . import consistency, critique, export, filter, load
+from . import consistency, critique, export, feedback, filter, generate, judge, load, mix, pair, refine
 
 STAGES = {
     "load": (load.LoadConfig, load.run),
+    "generate": (generate.GenerateConfig, generate.run),
     "critique": (critique.CritiqueConfig, critique.run),
+    "judge": (judge.JudgeConfig, judge.run),
     "consistency": (consistency.ConsistencyConfig, consistency.run),
+    "refine": (refine.RefineConfig, refine.run),
+    "pair": (pair.PairConfig, pair.run),
+    "feedback": (feedback.FeedbackConfig, feedback.run),
     "filter": (filter.FilterConfig, filter.run),
+    "mix": (mix.MixConfig, mix.run),
     "export": (export.ExportConfig, export.run),
 }
 
 # Stages that call a model, and the function that builds their requests (for `selfalign render`).
 REQUEST_BUILDERS = {
+    "generate": generate.build_requests,
     "critique": critique.build_requests,
+    "judge": judge.build_requests,
+    "refine": refine.build_requests,
+    "feedback": feedback.build_requests,
 }

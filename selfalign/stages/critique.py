@@ -1,5 +1,7 @@
 """critique: n scored critiques per (prompt, response), as in Critic-RM.
 
+Targets are `chosen` and/or `rejected` (human pairs) or `responses` (the list `generate` makes).
+
 Each reply is a validated `{critique, score}` (or, with a rubric, one score per named criterion and a
 weighted total). A row any of whose calls failed after its attempts goes to `dropped/` with
 `drop_reason: model_call_failed` and the failure's status, error, attempts and raw output; a re-run
@@ -44,7 +46,7 @@ class CritiqueConfig(StageConfig):
     prompt: str = "prompts/critique.jinja"
     samples: int = Field(4, ge=1, le=64)
     score_range: tuple[int, int] = (1, 10)
-    targets: list[Literal["chosen", "rejected"]] = ["chosen", "rejected"]
+    targets: list[Literal["chosen", "rejected", "responses"]] = ["chosen", "rejected"]
     rubric: list[Criterion] | None = None
     sampling: SamplingConfig = SamplingConfig()
     max_attempts: int = Field(3, ge=1, le=10, description="re-asks of an invalid reply, with the error quoted")
@@ -87,8 +89,13 @@ def score_of(value: dict[str, Any], config: CritiqueConfig) -> tuple[float, list
     return round(total, 4), per
 
 
+def _texts(row: dict[str, Any], target: str) -> list[str]:
+    value = row[target]
+    return value if isinstance(value, list) else [value]
+
+
 def build_requests(df: pl.DataFrame, config: CritiqueConfig, ctx) -> list[Request]:
-    """Requests in (row, target, sample) order."""
+    """Requests in (row, target, response, sample) order."""
     template = ctx.template(config.prompt)
     schema = config.reply_model().model_json_schema()
     sampling = config.sampling.sampling()
@@ -96,43 +103,55 @@ def build_requests(df: pl.DataFrame, config: CritiqueConfig, ctx) -> list[Reques
     requests = []
     for row in df.select("prompt", *config.targets).iter_rows(named=True):
         for target in config.targets:
-            messages = tuple(template.render_messages(
-                prompt=row["prompt"], response=row[target], score_min=config.score_range[0],
-                score_max=config.score_range[1], rubric=rubric))
-            requests.extend(Request(messages, sampling, schema, sample_index=s) for s in range(config.samples))
+            for text in _texts(row, target):
+                messages = tuple(template.render_messages(
+                    prompt=row["prompt"], response=text, score_min=config.score_range[0],
+                    score_max=config.score_range[1], rubric=rubric))
+                requests.extend(Request(messages, sampling, schema, sample_index=s) for s in range(config.samples))
     return requests
+
+
+def failure_columns(out: pl.DataFrame, failures: list[dict[str, Any] | None], metrics: dict) -> StageOutput:
+    """Split rows: those with a failed call go to dropped/ with status, error, attempts and raw output."""
+    failed = pl.Series([f is not None for f in failures], dtype=pl.Boolean)
+    rows = [f for f in failures if f is not None]
+    dropped = out.filter(failed).with_columns(
+        drop_reason=pl.lit("model_call_failed"),
+        status=pl.lit("failed"),
+        error=pl.Series([f["error"] for f in rows], dtype=pl.Utf8),
+        attempts=pl.Series([f["attempts"] for f in rows], dtype=pl.Int64),
+        raw_output=pl.Series([f["raw_output"] for f in rows], dtype=pl.Utf8))
+    return StageOutput(out.filter(~failed), dropped, metrics)
 
 
 def run(df: pl.DataFrame, config: CritiqueConfig, ctx) -> StageOutput:
     client = ctx.client(config.model)
     requests = build_requests(df, config, ctx)
-    results = client.run(requests, json_parser(config.reply_model()), label=f"critique ({config.model})",
-                         max_attempts=config.max_attempts)
-    per_row = len(config.targets) * config.samples
+    results = iter(client.run(requests, json_parser(config.reply_model()), label=f"critique ({config.model})",
+                              max_attempts=config.max_attempts))
     columns: dict[str, list] = {f"{t}_critiques": [] for t in config.targets}
     failures: list[dict[str, Any] | None] = []
-    for row in range(df.height):
+    for row in df.select(*config.targets).iter_rows(named=True):
         failure = None
-        for t_index, target in enumerate(config.targets):
-            critiques = []
-            for s in range(config.samples):
-                result = results[row * per_row + t_index * config.samples + s]
-                if result.ok:
-                    score, per = score_of(result.value, config)
-                    critiques.append({"text": result.value["critique"], "score": score, "sample_index": s,
-                                      "model": config.model, "criterion_scores": per})
-                elif failure is None:
-                    failure = {"status": "failed", "error": f"{target} sample {s}: {result.error}",
-                               "attempts": result.attempts, "raw_output": result.text}
-            columns[f"{target}_critiques"].append(critiques)
+        for target in config.targets:
+            per_text = []
+            for text_index, _ in enumerate(_texts(row, target)):
+                critiques = []
+                for s in range(config.samples):
+                    result = next(results)
+                    if result.ok:
+                        score, per = score_of(result.value, config)
+                        critiques.append({"text": result.value["critique"], "score": score, "sample_index": s,
+                                          "model": config.model, "criterion_scores": per})
+                    elif failure is None:
+                        where = f"{target}[{text_index}]" if isinstance(row[target], list) else target
+                        failure = {"error": f"{where} sample {s}: {result.error}", "attempts": result.attempts,
+                                   "raw_output": result.text}
+                per_text.append(critiques)
+            columns[f"{target}_critiques"].append(per_text if isinstance(row[target], list) else per_text[0])
         failures.append(failure)
-    out = df.with_columns(pl.Series(name, values, dtype=pl.List(CRITIQUE)) for name, values in columns.items())
-    failed = pl.Series([f is not None for f in failures], dtype=pl.Boolean)
-    failure_rows = [f for f in failures if f is not None]
-    dropped = out.filter(failed).with_columns(
-        drop_reason=pl.lit("model_call_failed"),
-        status=pl.Series([f["status"] for f in failure_rows], dtype=pl.Utf8),
-        error=pl.Series([f["error"] for f in failure_rows], dtype=pl.Utf8),
-        attempts=pl.Series([f["attempts"] for f in failure_rows], dtype=pl.Int64),
-        raw_output=pl.Series([f["raw_output"] for f in failure_rows], dtype=pl.Utf8))
-    return StageOutput(out.filter(~failed), dropped, metrics={"calls": len(requests)})
+    out = df.with_columns(
+        pl.Series(f"{t}_critiques", columns[f"{t}_critiques"],
+                  dtype=pl.List(pl.List(CRITIQUE)) if t == "responses" else pl.List(CRITIQUE))
+        for t in config.targets)
+    return failure_columns(out, failures, {"calls": len(requests)})

@@ -29,7 +29,7 @@ class LoadConfig(StageConfig):
     split: str = "train"
     config: str | None = None
     revision: str | None = None
-    format: Literal["hh-rlhf", "trl", "prompts"]
+    format: Literal["hh-rlhf", "trl", "prompts", "feedback"]
     on_bad_row: Literal["error", "drop"] = "error"
     max_chars: int = Field(200_000, ge=1, description="longest text accepted in one field")
 
@@ -139,7 +139,8 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
         kept.append({"row_id": identity, **row, "source": "human"})
     if count == 0:
         raise DataError("has no rows; point `path:` at a file with data", file=source_name)
-    schema = {"row_id": pl.Utf8, "prompt": MESSAGES, "chosen": pl.Utf8, "rejected": pl.Utf8, "source": pl.Utf8}
+    schema = {"row_id": pl.Utf8, "prompt": MESSAGES, "chosen": pl.Utf8, "rejected": pl.Utf8, "source": pl.Utf8,
+              "response": pl.Utf8, "feedback": pl.Utf8, "thumbs": pl.Utf8}
     columns = ["row_id", *COLUMNS[config.format], "source"]
     frame = pl.DataFrame(kept, schema={c: schema[c] for c in columns})
     dropped_frame = pl.DataFrame(dropped, schema={"source_row": pl.Int64, "drop_reason": pl.Utf8, "raw": pl.Utf8})
@@ -148,6 +149,8 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
 
 def _check_lengths(row: dict[str, Any], max_chars: int) -> None:
     for column, value in row.items():
+        if value is None:
+            continue
         texts = [value] if isinstance(value, str) else [m["content"] for m in value]
         size = sum(len(t) for t in texts)
         if size > max_chars:

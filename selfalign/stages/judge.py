@@ -1,0 +1,99 @@
+"""judge: pairwise A/B comparison, asked in both orders; a verdict counts only when both orders agree.
+
+Order 1 shows chosen as A and rejected as B, order 2 the reverse. If the two verdicts pick different
+answers the judge was swayed by position and the row is dropped (`position_inconsistent`). A consistent
+verdict for the rejected answer contradicts the label: dropped (`judge_disagrees_with_label`) or, with
+`on_disagreement: swap`, the pair is flipped (for synthetic pairs whose label came from a weaker signal).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import polars as pl
+from pydantic import Field, create_model
+
+from ..backends.base import Request
+from ..calls import json_parser
+from ..models import DEFAULT_MODEL_NAME
+from .base import StageConfig, StageOutput
+from .critique import SamplingConfig, failure_columns
+
+Verdict = create_model("Verdict", reasoning=(str, Field(min_length=1, max_length=800)),
+                       winner=(Literal["A", "B"], ...))
+
+
+class JudgeConfig(StageConfig):
+    kind: Literal["judge"]
+    model: str = DEFAULT_MODEL_NAME
+    prompt: str = "prompts/judge_pairwise.jinja"
+    sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_tokens=256)
+    on_disagreement: Literal["drop", "swap"] = "drop"
+    max_attempts: int = Field(3, ge=1, le=10)
+
+    def needs(self) -> set[str]:
+        return {"prompt", "chosen", "rejected"}
+
+    def adds(self) -> set[str]:
+        return {"judge_verdict", "judge_reasoning"}
+
+    def templates(self) -> dict[str, tuple[str, set[str]]]:
+        return {"prompt": (self.prompt, {"prompt", "answer_a", "answer_b"})}
+
+
+def build_requests(df: pl.DataFrame, config: JudgeConfig, ctx) -> list[Request]:
+    """Two requests per row: (A=chosen, B=rejected), then (A=rejected, B=chosen)."""
+    template = ctx.template(config.prompt)
+    schema, sampling = Verdict.model_json_schema(), config.sampling.sampling()
+    requests = []
+    for prompt, chosen, rejected in df.select("prompt", "chosen", "rejected").iter_rows():
+        for a, b in ((chosen, rejected), (rejected, chosen)):
+            messages = tuple(template.render_messages(prompt=prompt, answer_a=a, answer_b=b))
+            requests.append(Request(messages, sampling, schema))
+    return requests
+
+
+def run(df: pl.DataFrame, config: JudgeConfig, ctx) -> StageOutput:
+    results = ctx.client(config.model).run(build_requests(df, config, ctx), json_parser(Verdict),
+                                           label=f"judge ({config.model})", max_attempts=config.max_attempts)
+    verdicts, reasoning, failures = [], [], []
+    for row in range(df.height):
+        first, second = results[2 * row], results[2 * row + 1]
+        bad = first if not first.ok else second if not second.ok else None
+        if bad is not None:
+            failures.append({"error": bad.error, "attempts": bad.attempts, "raw_output": bad.text})
+            verdicts.append(None)
+            reasoning.append([])
+            continue
+        failures.append(None)
+        # Map each order's letter back to which answer it names.
+        pick_1 = "chosen" if first.value["winner"] == "A" else "rejected"
+        pick_2 = "chosen" if second.value["winner"] == "B" else "rejected"
+        verdicts.append(pick_1 if pick_1 == pick_2 else "inconsistent")
+        reasoning.append([first.value["reasoning"], second.value["reasoning"]])
+    out = df.with_columns(judge_verdict=pl.Series(verdicts, dtype=pl.Utf8),
+                          judge_reasoning=pl.Series(reasoning, dtype=pl.List(pl.Utf8)))
+    split = failure_columns(out, failures, {})
+    judged = split.kept
+    consistent = judged.filter(pl.col("judge_verdict") != "inconsistent")
+    agree = consistent.filter(pl.col("judge_verdict") == "chosen")
+    disagree = consistent.filter(pl.col("judge_verdict") == "rejected")
+    dropped = [split.dropped, judged.filter(pl.col("judge_verdict") == "inconsistent").with_columns(
+        drop_reason=pl.lit("position_inconsistent"))]
+    if config.on_disagreement == "swap":
+        swapped_columns = {"chosen": pl.col("rejected"), "rejected": pl.col("chosen")}
+        for name in ("critiques", "score", "critiques_kept"):
+            if f"chosen_{name}" in disagree.columns:
+                swapped_columns[f"chosen_{name}"] = pl.col(f"rejected_{name}")
+                swapped_columns[f"rejected_{name}"] = pl.col(f"chosen_{name}")
+        if "margin" in disagree.columns:
+            swapped_columns["margin"] = -pl.col("margin")
+        kept = pl.concat([agree, disagree.with_columns(**swapped_columns)])
+    else:
+        kept = agree
+        dropped.append(disagree.with_columns(drop_reason=pl.lit("judge_disagrees_with_label")))
+    metrics = {
+        "position_consistency": round(consistent.height / judged.height, 4) if judged.height else None,
+        "agreement_with_label": round(agree.height / consistent.height, 4) if consistent.height else None,
+    }
+    return StageOutput(kept, pl.concat(dropped, how="diagonal_relaxed"), metrics)
