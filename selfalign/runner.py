@@ -29,6 +29,7 @@ from .calls import CallStats, ModelClient
 from .check import check_pipeline, effective_models, resolve_path
 from .config import LoadedPipeline
 from .errors import ConfigErrors, RunError
+from .metrics import agreement_with_human, dataset_summary
 from .progress import Progress
 from .prompts import PromptTemplate, load_template
 from .stages import STAGES
@@ -150,7 +151,7 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
     for index, stage in enumerate(stages):
         started = time.perf_counter()
         rows_in = df.height
-        ctx.progress.log(f"stage {index} ({stage.kind}): {rows_in} rows in")
+        ctx.progress.log(f"stage {index} ({stage.kind})" + (f": {rows_in} rows in" if index else ""))
         output = STAGES[stage.kind][1](df, stage, ctx)
         dropped = output.dropped
         if dropped is None:  # same columns as the rows, so every dropped/ file can be read the same way
@@ -163,7 +164,7 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
         funnel.append({"stage": index, "kind": stage.kind, "in": rows_in if index else output.metrics.get(
             "rows_read", output.kept.height + dropped.height), "out": output.kept.height, "dropped": dropped.height,
             "drop_reasons": dict(reasons), "seconds": round(time.perf_counter() - started, 3),
-            "metrics": output.metrics})
+            "agreement_with_human": agreement_with_human(output.kept), "metrics": output.metrics})
         df = output.kept
     return df, funnel
 
@@ -201,6 +202,7 @@ def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit
             "seconds": round(time.time() - started, 3),
             "rows": funnel,
             "rows_out": df.height,
+            "dataset": dataset_summary(df),
             "model_calls": {k: getattr(totals, k) for k in ("requested", "cached", "sent", "failed")},
             "tokens": {"prompt": totals.prompt_tokens, "completion": totals.completion_tokens},
             "models": {name: {"identity": ctx.client(name).identity, "calls": stats.as_dict()}

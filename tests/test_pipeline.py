@@ -61,6 +61,12 @@ def test_full_run_accounts_for_every_row_and_reruns_from_cache(hh_pipeline, tmp_
     assert calls["requested"] == calls["sent"] == funnel[1]["in"] * 2 * 3 and calls["cached"] == 0
     assert manifest["rows"][2]["metrics"]["agreement_with_human_before"] is not None
     assert manifest["rows_out"] == len(kept_ids) > 0
+    summary = manifest["dataset"]
+    assert summary["sources"] == {"human": len(kept_ids)}
+    assert 0 <= summary["length_bias_chosen_longer"]["human"] <= 1
+    assert sum(summary["score_histograms"]["chosen_score"].values()) == len(kept_ids)
+    assert summary["agreement_with_human"] == 1.0  # after the consistency filter, by construction
+    assert 0.3 < funnel[1]["agreement_with_human"] < 0.7  # random fake scores, before filtering
 
     dataset = datasets.load_from_disk(str(run_dir / "dataset"))
     assert set(dataset) == {"train", "test"}
