@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--row", type=int, default=0, help="row index in that stage's input")
     render.add_argument("--output", help="run directory whose cache serves earlier model stages")
     render.set_defaults(func=cmd_render)
+
+    from . import inspect_run, publish, report
+    publish.add_cli(sub)  # push, export
+    report.add_cli(sub)
+    inspect_run.add_cli(sub)
     return parser
 
 

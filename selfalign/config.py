@@ -37,6 +37,7 @@ class LoadedPipeline:
     path: Path
     lines: dict
     data: dict
+    overrides: tuple[str, ...] = ()
 
     def line(self, *path) -> int | None:
         return line_for(self.lines, path)
@@ -82,7 +83,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> LoadedPipeline
             errors = [_to_config_error(e, data, path, lines) for e in exc.errors()]
     if errors:
         raise ConfigErrors(_unique(errors))
-    return LoadedPipeline(pipeline, path, lines, data)
+    return LoadedPipeline(pipeline, path, lines, data, tuple(overrides))
 
 
 def _pre_checks(data: dict, path: Path, lines: dict) -> list[ConfigError]:

@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 
 from . import __version__
-from .atomic import write_json, write_parquet
+from .atomic import write_json, write_parquet, write_text
 from .backends import backend_for
 from .backends.base import Backend
 from .cache import Cache, canonical_json
@@ -47,6 +47,7 @@ class RunContext:
     offline: bool = False  # True for `render`: any cache miss is an error instead of a call
     backend_overrides: dict[str, Backend] = field(default_factory=dict)
     stats: dict[str, CallStats] = field(default_factory=dict)
+    funnel: list[dict[str, Any]] = field(default_factory=list)  # stages finished so far (publish reads it)
     _clients: dict[str, ModelClient] = field(default_factory=dict)
     _templates: dict[str, PromptTemplate] = field(default_factory=dict)
 
@@ -146,7 +147,7 @@ def package_versions() -> dict[str, str]:
 def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = True) -> tuple[pl.DataFrame, list]:
     """Run stages [0, stop_before); write each stage's rows and drops when `write`."""
     df = pl.DataFrame()
-    funnel = []
+    funnel = ctx.funnel
     stages = ctx.loaded.pipeline.stages[:stop_before]
     for index, stage in enumerate(stages):
         started = time.perf_counter()
@@ -179,6 +180,8 @@ def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit
     started = time.time()
     with RunLock(run_dir):
         remove_leftovers(run_dir)
+        # The YAML this run used, verbatim (its --set overrides go in the manifest), for the card and reruns.
+        write_text(loaded.path.read_text(encoding="utf-8"), run_dir / "pipeline.yaml")
         cache = Cache(run_dir / "cache.sqlite")
         ctx = RunContext(loaded, run_dir, cache, Progress(quiet), limit=limit,
                          backend_overrides=backend_overrides or {})
@@ -198,6 +201,7 @@ def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit
             "selfalign_version": __version__,
             "packages": package_versions(),
             "limit": limit,
+            "overrides": list(loaded.overrides),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
             "seconds": round(time.time() - started, 3),
             "rows": funnel,

@@ -1,49 +1,259 @@
 """The output contract: canonical pairs -> the columns each reward-model trainer reads.
 
-Each function maps the final polars frame to a frame in one trainer's format. Splits are made by a hash
-of the prompt, so a prompt never appears in both train and test.
+Each function maps the final polars frame (canonical pair columns: `prompt` as a list of {role, content}
+messages, `chosen`/`rejected` as the final assistant turn's text, plus the critique columns the critique and
+consistency stages add) to a frame in one trainer's format. Splits are made by a hash of the prompt, so a
+prompt never appears in both train and test.
+
+| format | columns | consumer |
+| --- | --- | --- |
+| `trl` | `prompt` (messages), `chosen`/`rejected` ([assistant message]), `margin`, critiques, scores | TRL `RewardTrainer`/`DPOTrainer` (explicit prompt, conversational) |
+| `trl-implicit` | `chosen`/`rejected` (full conversations), `margin` | TRL (implicit prompt, conversational) |
+| `openrlhf` | `prompt` (messages), `chosen`/`rejected` ([assistant message]), `margin` | OpenRLHF `train_rm` with `--data.apply_chat_template --data.prompt_key prompt` |
+| `llama-factory` | `conversations` ([{from, value}]), `chosen`/`rejected` ({from: gpt, value}) | LLaMA-Factory (`formatting: sharegpt`, `ranking: true`) |
+| `critic-rm` | pair + filtered critique texts and scores | joint critique + reward training (Critic-RM) |
+| `cloud` | pair + `chosen_feedback`/`rejected_feedback` (critique texts) | CLoud-style critique-out-loud reward models |
+| `critique-sft` | `messages` (critique prompt as user, critique JSON as assistant) | any chat SFT trainer (TRL `SFTTrainer`) |
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from typing import Any, Callable
 
 import polars as pl
 
-ASSISTANT = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
+MESSAGE = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
+ASSISTANT = MESSAGE  # kept for older imports
+SHAREGPT = pl.Struct({"from": pl.Utf8, "value": pl.Utf8})
+
+# (prompt messages, response text, critique struct) -> the chat messages that asked for that critique.
+CritiquePrompt = Callable[[list[dict[str, str]], str, dict[str, Any]], list[dict[str, str]]]
+
+PAIR = {"prompt", "chosen", "rejected"}
+CRITIQUES = {"chosen_critiques", "rejected_critiques"}
+PROVENANCE = ("source", "row_id")
 
 
 def _as_assistant_message(column: str) -> pl.Expr:
     return pl.concat_list(pl.struct(role=pl.lit("assistant"), content=pl.col(column))).alias(column)
 
 
-def _critique_texts(column: str) -> pl.Expr:
-    return pl.col(column).list.eval(pl.element().struct.field("text")).alias(column)
+def _conversation(column: str) -> pl.Expr:
+    """prompt messages + [assistant: column]: the whole conversation ending in that answer."""
+    return pl.concat_list(pl.col("prompt"), pl.concat_list(pl.struct(role=pl.lit("assistant"),
+                                                                     content=pl.col(column)))).alias(column)
+
+
+def _critique_texts(column: str, alias: str | None = None) -> pl.Expr:
+    return pl.col(column).list.eval(pl.element().struct.field("text")).alias(alias or column)
+
+
+def _critique_scores(column: str, alias: str) -> pl.Expr:
+    return pl.col(column).list.eval(pl.element().struct.field("score")).cast(pl.List(pl.Float64)).alias(alias)
+
+
+def _require(df: pl.DataFrame, name: str) -> None:
+    missing = NEEDS[name] - set(df.columns)
+    if missing:
+        raise pl.exceptions.ColumnNotFoundError(f"format {name!r} needs column(s) {sorted(missing)}; the rows have "
+                                                f"{sorted(df.columns)}")
 
 
 def _optional(df: pl.DataFrame, *columns: str) -> list[str]:
     return [c for c in columns if c in df.columns]
 
 
+def _margin(df: pl.DataFrame) -> list[pl.Expr]:
+    """A float `margin` for every row (TRL and OpenRLHF batch it as a tensor, so no nulls: 0.0 = no margin)."""
+    if "margin" not in df.columns:
+        return []
+    return [pl.col("margin").cast(pl.Float64).fill_null(0.0).fill_nan(0.0).alias("margin")]
+
+
+def _scores(df: pl.DataFrame) -> list[pl.Expr]:
+    return [pl.col(c).cast(pl.Float64) for c in _optional(df, "chosen_score", "rejected_score")]
+
+
+def _provenance(df: pl.DataFrame) -> list[pl.Expr]:
+    return [pl.col(c) for c in _optional(df, *PROVENANCE)]
+
+
 def to_trl(df: pl.DataFrame) -> pl.DataFrame:
-    """TRL conversational preference data with explicit prompt (+ `margin` and critiques when present)."""
+    """TRL conversational preference data with explicit prompt (+ `margin`, critiques and scores when present).
+
+    TRL keeps only `chosen_ids`, `rejected_ids` and `margin` after tokenizing, so the extra columns are
+    harmless to `RewardTrainer`/`DPOTrainer` and useful to people reading the data."""
     extras = [_critique_texts(c) for c in _optional(df, "chosen_critiques", "rejected_critiques")]
-    extras += [pl.col(c) for c in _optional(df, "chosen_score", "rejected_score", "margin")]
     return df.select(pl.col("prompt"), _as_assistant_message("chosen"), _as_assistant_message("rejected"),
-                     *extras, *[pl.col(c) for c in _optional(df, "source", "row_id")])
+                     *_margin(df), *extras, *_scores(df), *_provenance(df))
+
+
+def to_trl_implicit(df: pl.DataFrame) -> pl.DataFrame:
+    """TRL conversational preference data with implicit prompt: `chosen`/`rejected` are whole conversations."""
+    return df.select(_conversation("chosen"), _conversation("rejected"), *_margin(df), *_scores(df),
+                     *_provenance(df))
+
+
+def to_openrlhf(df: pl.DataFrame) -> pl.DataFrame:
+    """OpenRLHF's reward dataset with `--data.apply_chat_template`: it renders `prompt` (messages) with the
+    generation prompt, then `prompt + chosen` and `prompt + rejected` (message lists) and keeps the text after
+    the prompt; `margin` is read when present (`--model.margin_loss_enable`)."""
+    return df.select(pl.col("prompt"), _as_assistant_message("chosen"), _as_assistant_message("rejected"),
+                     *_margin(df), *_provenance(df))
+
+
+_SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+
+
+def _sharegpt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"from": _SHAREGPT_ROLE.get(m["role"], m["role"]), "value": m["content"]} for m in messages]
+
+
+def to_llama_factory(df: pl.DataFrame) -> pl.DataFrame:
+    """LLaMA-Factory's ShareGPT pairwise rows: `conversations` (system?, human, gpt, ..., human), and `chosen`
+    and `rejected` as single {from: gpt, value} messages (see `llama_factory_dataset_info`)."""
+    _require(df, "llama-factory")
+    conversations = pl.Series("conversations", [_sharegpt_messages(p) for p in df["prompt"].to_list()],
+                              dtype=pl.List(SHAREGPT))
+    gpt = lambda column: pl.struct(pl.lit("gpt").alias("from"), pl.col(column).alias("value")).alias(column)  # noqa: E731
+    return df.select(conversations, gpt("chosen"), gpt("rejected"), *_margin(df), *_provenance(df))
 
 
 def to_critic_rm(df: pl.DataFrame) -> pl.DataFrame:
-    """Pairs with their filtered critiques and scores, for joint critique + reward training."""
+    """Pairs with their filtered critiques (texts and scores), for joint critique + reward training."""
     return df.select(pl.col("prompt"), pl.col("chosen"), pl.col("rejected"),
                      _critique_texts("chosen_critiques"), _critique_texts("rejected_critiques"),
-                     *[pl.col(c) for c in _optional(df, "chosen_score", "rejected_score", "margin", "source",
-                                                     "row_id")])
+                     _critique_scores("chosen_critiques", "chosen_critique_scores"),
+                     _critique_scores("rejected_critiques", "rejected_critique_scores"),
+                     *_scores(df), *_margin(df), *_provenance(df))
 
 
-FORMATS = {"trl": to_trl, "critic-rm": to_critic_rm}
-NEEDS = {"trl": {"prompt", "chosen", "rejected"},
-         "critic-rm": {"prompt", "chosen", "rejected", "chosen_critiques", "rejected_critiques"}}
+def to_cloud(df: pl.DataFrame) -> pl.DataFrame:
+    """Critique-out-loud: the pair with the surviving critiques of each answer as feedback texts."""
+    return df.select(pl.col("prompt"), pl.col("chosen"), pl.col("rejected"),
+                     _critique_texts("chosen_critiques", "chosen_feedback"),
+                     _critique_texts("rejected_critiques", "rejected_feedback"),
+                     *_scores(df), *_margin(df), *_provenance(df))
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def critique_reply(critique: dict[str, Any]) -> str:
+    """The JSON a critique model answers with (the critique stage's reply schema)."""
+    if critique.get("criterion_scores"):
+        scores = {c["name"]: _number(c["score"]) for c in critique["criterion_scores"]}
+        return json.dumps({"critique": critique["text"], "scores": scores}, ensure_ascii=False)
+    return json.dumps({"critique": critique["text"], "score": _number(critique["score"])}, ensure_ascii=False)
+
+
+def default_critique_prompt(prompt: list[dict[str, str]], response: str, critique: dict[str, Any]) \
+        -> list[dict[str, str]]:
+    """Used when the run's critique template cannot be found (a run directory moved away from its YAML)."""
+    conversation = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in prompt)
+    if critique.get("criterion_scores"):
+        names = ", ".join(c["name"] for c in critique["criterion_scores"])
+        ask = f"Then score it on each criterion ({names}). Answer in JSON: {{\"critique\": \"...\", \"scores\": {{...}}}}"
+    else:
+        ask = "Then give an overall score. Answer in JSON: {\"critique\": \"...\", \"score\": <score>}"
+    return [{"role": "user", "content": f"Here is a conversation between a user and an AI assistant:\n\n"
+             f"{conversation}\n\nHere is the assistant's next reply:\n\nASSISTANT: {response}\n\n"
+             f"Write a short critique of this reply: what it does well, what it does badly.\n{ask}"}]
+
+
+def to_critique_sft(df: pl.DataFrame, critique_prompt: CritiquePrompt | None = None) -> pl.DataFrame:
+    """One chat example per surviving critique: the critique prompt (system + user, as the critique stage sent
+    it) then the critique and score JSON as the assistant turn."""
+    _require(df, "critique-sft")
+    render = critique_prompt or default_critique_prompt
+    rows: dict[str, list] = {"messages": [], "target": [], "score": [], "sample_index": [], "model": []}
+    provenance = _optional(df, *PROVENANCE)
+    for name in provenance:
+        rows[name] = []
+    for row in df.iter_rows(named=True):
+        for target in ("chosen", "rejected"):
+            for critique in row.get(f"{target}_critiques") or []:
+                messages = [dict(m) for m in render(row["prompt"], row[target], critique)]
+                messages.append({"role": "assistant", "content": critique_reply(critique)})
+                rows["messages"].append(messages)
+                rows["target"].append(target)
+                rows["score"].append(float(critique["score"]))
+                rows["sample_index"].append(critique.get("sample_index"))
+                rows["model"].append(critique.get("model"))
+                for name in provenance:
+                    rows[name].append(row[name])
+    schema = {"messages": pl.List(MESSAGE), "target": pl.Utf8, "score": pl.Float64, "sample_index": pl.Int64,
+              "model": pl.Utf8, **{name: df.schema[name] for name in provenance}}
+    return pl.DataFrame(rows, schema=schema)
+
+
+FORMATS: dict[str, Callable[[pl.DataFrame], pl.DataFrame]] = {
+    "trl": to_trl,
+    "trl-implicit": to_trl_implicit,
+    "openrlhf": to_openrlhf,
+    "llama-factory": to_llama_factory,
+    "critic-rm": to_critic_rm,
+    "cloud": to_cloud,
+    "critique-sft": to_critique_sft,
+}
+NEEDS: dict[str, set[str]] = {
+    "trl": set(PAIR),
+    "trl-implicit": set(PAIR),
+    "openrlhf": set(PAIR),
+    "llama-factory": set(PAIR),
+    "critic-rm": PAIR | CRITIQUES,
+    "cloud": PAIR | CRITIQUES,
+    "critique-sft": PAIR | CRITIQUES,
+}
+FORMAT_NAMES = tuple(FORMATS)
+
+# How each format is consumed, for the dataset card and `selfalign export` (REPO is the Hub id or a folder).
+USAGE = {
+    "trl": "TRL `RewardTrainer` / `DPOTrainer`: `load_dataset(\"REPO\", \"trl\")` (conversational, explicit prompt; "
+           "`margin` is used by `RewardTrainer`)",
+    "trl-implicit": "TRL `RewardTrainer` / `DPOTrainer`: `load_dataset(\"REPO\", \"trl-implicit\")` (conversational, "
+                    "implicit prompt)",
+    "openrlhf": "OpenRLHF: `--data.dataset REPO@openrlhf --data.apply_chat_template --data.prompt_key prompt "
+                "--data.chosen_key chosen --data.rejected_key rejected` (+ `--model.margin_loss_enable`)",
+    "llama-factory": "LLaMA-Factory: `dataset_dir: REMOTE:REPO` (or the export folder) and "
+                     "`dataset: selfalign_train`; entries in `dataset_info.json` (`formatting: sharegpt`, "
+                     "`ranking: true`)",
+    "critic-rm": "joint critique + reward training (Critic-RM): the pair, surviving critiques and their scores",
+    "cloud": "critique-out-loud reward models: `chosen_feedback` / `rejected_feedback`",
+    "critique-sft": "critique-writing SFT (e.g. TRL `SFTTrainer`): `messages` per surviving critique",
+}
+
+
+def format_frame(name: str, df: pl.DataFrame, critique_prompt: CritiquePrompt | None = None) -> pl.DataFrame:
+    _require(df, name)
+    if name == "critique-sft":
+        return to_critique_sft(df, critique_prompt)
+    return FORMATS[name](df)
+
+
+def llama_factory_dataset_info(*, name: str = "selfalign", splits: dict[str, str] | None = None,
+                               hub_repo: str | None = None, subset: str = "llama-factory",
+                               split_names: tuple[str, ...] = ("train", "test")) -> dict[str, Any]:
+    """`dataset_info.json` entries for LLaMA-Factory: `<name>_<split>` for each split, either local files
+    (`splits`: split -> file name relative to dataset_dir) or a Hub dataset (`hub_repo`, config `subset`)."""
+    common = {
+        "formatting": "sharegpt",
+        "ranking": True,
+        "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+        "tags": {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+                 "system_tag": "system"},
+    }
+    entries = {}
+    if hub_repo is not None:
+        for split in split_names:
+            entries[f"{name}_{split}"] = {"hf_hub_url": hub_repo, "subset": subset, "split": split, **common}
+    else:
+        for split, file_name in (splits or {}).items():
+            entries[f"{name}_{split}"] = {"file_name": file_name, **common}
+    return entries
 
 
 def prompt_bucket(prompt: list[dict[str, str]]) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import consistency, critique, export, feedback, filter, generate, judge, load, mix, pair, refine
+from . import consistency, critique, export, feedback, filter, generate, judge, load, mix, pair, publish, refine
 
 STAGES = {
     "load": (load.LoadConfig, load.run),
@@ -16,6 +16,7 @@ STAGES = {
     "filter": (filter.FilterConfig, filter.run),
     "mix": (mix.MixConfig, mix.run),
     "export": (export.ExportConfig, export.run),
+    "publish": (publish.PublishConfig, publish.run),
 }
 
 # Stages that call a model, and the function that builds their requests (for `selfalign render`).

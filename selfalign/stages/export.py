@@ -1,22 +1,23 @@
 """export: write the dataset in trainer formats, split by prompt hash.
 
-`<run>/export/<format>/<split>.parquet` for every format, and `<run>/dataset/` (`DatasetDict.save_to_disk`
-of the first format) so that `datasets.load_from_disk` opens the run's result directly.
+`<run>/export/<format>/<split>.parquet` for every format (plus `export/llama-factory/dataset_info.json`), and
+`<run>/dataset/` (`DatasetDict.save_to_disk` of the first format) so that `datasets.load_from_disk` opens the
+run's result directly.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import polars as pl
 from pydantic import Field
 
-from ..atomic import write_dir, write_parquet
-from ..trainer_formats import FORMATS, NEEDS, split_by_prompt
+from ..atomic import write_dir, write_json, write_parquet
+from ..trainer_formats import NEEDS, CritiquePrompt, format_frame, llama_factory_dataset_info, split_by_prompt
 from .base import StageConfig, StageOutput
 
-FormatName = Literal["trl", "critic-rm"]
+FormatName = Literal["trl", "trl-implicit", "openrlhf", "llama-factory", "critic-rm", "cloud", "critique-sft"]
 
 
 class ExportConfig(StageConfig):
@@ -34,13 +35,41 @@ def to_dataset_dict(splits: dict[str, pl.DataFrame]):
     return datasets.DatasetDict({name: datasets.Dataset(frame.to_arrow()) for name, frame in splits.items()})
 
 
+def critique_prompt_from_stages(stages: list[Any], template: Callable[[str], Any]) -> CritiquePrompt | None:
+    """The function that re-renders the exact messages each critique was asked with (for `critique-sft`):
+    the critique stage whose `model` wrote the critique, its template, score range and rubric."""
+    by_model = {stage.model: stage for stage in stages if getattr(stage, "kind", None) == "critique"}
+    if not by_model:
+        return None
+    templates = {}
+
+    def render(prompt: list[dict[str, str]], response: str, critique: dict[str, Any]) -> list[dict[str, str]]:
+        stage = by_model.get(critique.get("model")) or next(iter(by_model.values()))
+        if stage.prompt not in templates:
+            templates[stage.prompt] = template(stage.prompt)
+        rubric = [c.model_dump() for c in stage.rubric] if stage.rubric else None
+        return templates[stage.prompt].render_messages(prompt=prompt, response=response,
+                                                       score_min=stage.score_range[0],
+                                                       score_max=stage.score_range[1], rubric=rubric)
+    return render
+
+
+def write_format(frames: dict[str, pl.DataFrame], name: str, directory: Path) -> None:
+    """`directory/<split>.parquet` (+ `dataset_info.json` for llama-factory)."""
+    for split, frame in frames.items():
+        write_parquet(frame, directory / f"{split}.parquet")
+    if name == "llama-factory":
+        write_json(llama_factory_dataset_info(splits={split: f"{split}.parquet" for split in frames}),
+                   directory / "dataset_info.json")
+
+
 def run(df: pl.DataFrame, config: ExportConfig, ctx) -> StageOutput:
     splits = split_by_prompt(df, config.test_size)
+    critique_prompt = critique_prompt_from_stages(ctx.loaded.pipeline.stages, ctx.template)
     written = {}
     for index, name in enumerate(config.formats):
-        formatted = {split: FORMATS[name](frame) for split, frame in splits.items()}
-        for split, frame in formatted.items():
-            write_parquet(frame, ctx.run_dir / "export" / name / f"{split}.parquet")
+        formatted = {split: format_frame(name, frame, critique_prompt) for split, frame in splits.items()}
+        write_format(formatted, name, ctx.run_dir / "export" / name)
         written[name] = {split: frame.height for split, frame in formatted.items()}
         if index == 0:
             dataset = to_dataset_dict(formatted)
