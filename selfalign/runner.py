@@ -144,6 +144,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def _call_totals(ctx: RunContext) -> dict[str, int]:
+    keys = ("requested", "cached", "sent", "failed", "prompt_tokens", "completion_tokens")
+    return {key: sum(getattr(stats, key) for stats in ctx.stats.values()) for key in keys}
+
+
 def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = True) -> tuple[pl.DataFrame, list]:
     """Run stages [0, stop_before); write each stage's rows and drops when `write`."""
     df = pl.DataFrame()
@@ -153,7 +158,9 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
         started = time.perf_counter()
         rows_in = df.height
         ctx.progress.log(f"stage {index} ({stage.kind})" + (f": {rows_in} rows in" if index else ""))
+        calls_before = _call_totals(ctx)
         output = STAGES[stage.kind][1](df, stage, ctx)
+        calls = {key: value - calls_before[key] for key, value in _call_totals(ctx).items()}
         dropped = output.dropped
         if dropped is None:  # same columns as the rows, so every dropped/ file can be read the same way
             dropped = output.kept.clear().with_columns(drop_reason=pl.lit(None, dtype=pl.Utf8))
@@ -165,7 +172,9 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
         funnel.append({"stage": index, "kind": stage.kind, "in": rows_in if index else output.metrics.get(
             "rows_read", output.kept.height + dropped.height), "out": output.kept.height, "dropped": dropped.height,
             "drop_reasons": dict(reasons), "seconds": round(time.perf_counter() - started, 3),
-            "agreement_with_human": agreement_with_human(output.kept), "metrics": output.metrics})
+            "agreement_with_human": agreement_with_human(output.kept), "metrics": output.metrics,
+            "model_calls": {k: calls[k] for k in ("requested", "cached", "sent", "failed")},
+            "tokens": {"prompt": calls["prompt_tokens"], "completion": calls["completion_tokens"]}})
         df = output.kept
     return df, funnel
 

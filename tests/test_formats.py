@@ -116,3 +116,12 @@ def test_parquet_csv_and_datasets_folder(tmp_path):
     # `hf:` goes through datasets.load_dataset: here a local dataset folder stands in for a Hub id.
     config = LoadConfig(kind="load", hf=str(tmp_path / "hub"), split="train", format="trl")
     assert load(None, config, Ctx()).kept["rejected"].to_list() == ["b", "d"]
+
+
+def test_keep_columns_carries_a_category_along(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"prompt": "q", "chosen": "a", "rejected": "b", "category": "math"}\n')
+    output = load_rows(path, "trl", keep_columns=["category"])
+    assert output.kept["category"].to_list() == ["math"]
+    with pytest.raises(DataError, match="row 1, column 'topic': missing, but named in keep_columns"):
+        load_rows(path, "trl", keep_columns=["topic"])

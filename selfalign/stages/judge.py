@@ -81,7 +81,8 @@ def run(df: pl.DataFrame, config: JudgeConfig, ctx) -> StageOutput:
     dropped = [split.dropped, judged.filter(pl.col("judge_verdict") == "inconsistent").with_columns(
         drop_reason=pl.lit("position_inconsistent"))]
     if config.on_disagreement == "swap":
-        swapped_columns = {"chosen": pl.col("rejected"), "rejected": pl.col("chosen")}
+        # The flipped label is the model's, not a person's: those rows count as synthetic from here on.
+        swapped_columns = {"chosen": pl.col("rejected"), "rejected": pl.col("chosen"), "source": pl.lit("synthetic")}
         for name in ("critiques", "score", "critiques_kept"):
             if f"chosen_{name}" in disagree.columns:
                 swapped_columns[f"chosen_{name}"] = pl.col(f"rejected_{name}")

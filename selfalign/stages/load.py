@@ -32,6 +32,8 @@ class LoadConfig(StageConfig):
     format: Literal["hh-rlhf", "trl", "prompts", "feedback"]
     on_bad_row: Literal["error", "drop"] = "error"
     max_chars: int = Field(200_000, ge=1, description="longest text accepted in one field")
+    keep_columns: list[str] = Field(default_factory=list, description="source columns to carry along as they "
+                                    "are, e.g. [category] for per-category agreement in the report")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -40,7 +42,7 @@ class LoadConfig(StageConfig):
         return self
 
     def adds(self) -> set[str]:
-        return {"row_id", "source", *COLUMNS[self.format]}
+        return {"row_id", "source", *COLUMNS[self.format], *self.keep_columns}
 
 
 def row_id(row: dict[str, Any]) -> str:
@@ -115,6 +117,7 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
     kept: list[dict[str, Any]] = []
     dropped: list[dict[str, Any]] = []
     seen: set[str] = set()
+    extras: list[list[Any]] = []  # keep_columns values, row by row
     count = 0
     for number, raw in rows:
         if ctx.limit is not None and count >= ctx.limit:
@@ -123,6 +126,9 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
         try:
             row = mapper(raw)
             _check_lengths(row, config.max_chars)
+            missing = [c for c in config.keep_columns if c not in raw]
+            if missing:
+                raise RowError("missing, but named in keep_columns", missing[0])
         except RowError as exc:
             if config.on_bad_row == "error":
                 raise DataError(f"{exc} (format {config.format})", file=source_name, row=number,
@@ -137,12 +143,14 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
             continue
         seen.add(identity)
         kept.append({"row_id": identity, **row, "source": "human"})
+        extras.append([raw[c] for c in config.keep_columns])
     if count == 0:
         raise DataError("has no rows; point `path:` at a file with data", file=source_name)
     schema = {"row_id": pl.Utf8, "prompt": MESSAGES, "chosen": pl.Utf8, "rejected": pl.Utf8, "source": pl.Utf8,
               "response": pl.Utf8, "feedback": pl.Utf8, "thumbs": pl.Utf8}
     columns = ["row_id", *COLUMNS[config.format], "source"]
-    frame = pl.DataFrame(kept, schema={c: schema[c] for c in columns})
+    frame = pl.DataFrame(kept, schema={c: schema[c] for c in columns}).with_columns(
+        pl.Series(name, [values[i] for values in extras]) for i, name in enumerate(config.keep_columns))
     dropped_frame = pl.DataFrame(dropped, schema={"source_row": pl.Int64, "drop_reason": pl.Utf8, "raw": pl.Utf8})
     return StageOutput(frame, dropped_frame, metrics={"rows_read": count})
 

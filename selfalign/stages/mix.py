@@ -70,8 +70,7 @@ def run(df: pl.DataFrame, config: MixConfig, ctx) -> StageOutput:
     combined = pl.concat(frames, how="diagonal_relaxed")
     keys = [normalised_key(p, c, r) for p, c, r in combined.select("prompt", "chosen", "rejected").iter_rows()]
     combined = combined.with_columns(_key=pl.Series(keys, dtype=pl.Utf8))
-    first = combined.with_row_index("_i").group_by("_key").agg(pl.col("_i").min())["_i"]
-    is_first = pl.Series(range(combined.height)).is_in(first)
+    is_first = combined.with_row_index("_i").select(pl.col("_i") == pl.col("_i").min().over("_key")).to_series()
     dropped = [combined.filter(~is_first).with_columns(drop_reason=pl.lit("duplicate_across_sources"))]
     unique = combined.filter(is_first).with_columns(
         _rank=pl.col("row_id").map_elements(lambda r: _rank(r, config.seed), return_dtype=pl.Utf8))
