@@ -82,6 +82,12 @@ class Cache:
             self._pending = []
         self._last_flush = time.monotonic()
 
+    def delete(self, keys: list[str]) -> None:
+        self.flush()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM replies WHERE key = ?", [(key,) for key in keys])
+
     def __len__(self) -> int:
         self.flush()
         return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]

@@ -104,15 +104,17 @@ class ModelClient:
         results: list[CallResult | None] = [None] * len(requests)
         current = list(requests)
         attempts = [0] * len(requests)
+        chain_keys: list[list[str]] = [[] for _ in requests]  # cache keys of each request's attempts
         pending = list(range(len(requests)))
         for attempt in range(max_attempts):
             if not pending:
                 break
             suffix = "" if attempt == 0 else f" (re-ask {attempt})"
-            replies = self._complete([current[i] for i in pending], label + suffix)
+            replies, keys = self._complete([current[i] for i in pending], label + suffix)
             still_invalid = []
-            for i, reply in zip(pending, replies):
+            for i, reply, key in zip(pending, replies, keys):
                 attempts[i] += 1
+                chain_keys[i].append(key)
                 if not reply.ok:
                     # Transport failures were already retried by the backend; re-asking would not help.
                     results[i] = CallResult(None, reply.text, "failed", reply.error, attempts[i])
@@ -128,10 +130,15 @@ class ModelClient:
                 results[i] = CallResult(value, reply.text, "ok", None, attempts[i],
                                         reply.prompt_tokens, reply.completion_tokens)
             pending = still_invalid
-        self.stats.failed += sum(1 for r in results if r is not None and not r.ok)
+        failed = [i for i, r in enumerate(results) if r is not None and not r.ok]
+        self.stats.failed += len(failed)
+        if self._cache is not None and failed:
+            # A request that ended invalid is forgotten, so a re-run asks it afresh instead of replaying the
+            # same invalid replies; requests that ended valid keep their whole chain (a re-run replays them).
+            self._cache.delete([key for i in failed for key in chain_keys[i]])
         return _fill(results)
 
-    def _complete(self, requests: list[Request], label: str) -> list[Completion]:
+    def _complete(self, requests: list[Request], label: str) -> tuple[list[Completion], list[str]]:
         started = time.perf_counter()
         keys = [request_key(self.identity, r) for r in requests]
         hits = self._cache.get_many(keys) if self._cache is not None else {}
@@ -170,7 +177,7 @@ class ModelClient:
                     self._cache.flush()
         bar.close()
         self.stats.seconds += time.perf_counter() - started
-        return [r if r is not None else Completion(None, error="no reply") for r in replies]
+        return [r if r is not None else Completion(None, error="no reply") for r in replies], keys
 
 
 def _reask(request: Request, bad_reply: str, error: str) -> Request:

@@ -57,6 +57,16 @@ def test_exhausted_attempts_keep_status_error_attempts_and_raw_output(tmp_path):
     assert result.error.startswith("invalid reply:")
 
 
+def test_a_request_that_ended_invalid_is_asked_afresh_on_a_rerun(tmp_path):
+    cache = Cache(tmp_path / "c.sqlite")
+    client_for(FakeBackend(responder=lambda r: "no json"), cache).run([request()], json_parser(Reply), "t")
+    assert len(cache) == 0
+    fixed = FakeBackend(responder=lambda r: json.dumps({"critique": "ok", "score": 3}))
+    client = client_for(fixed, cache)
+    [result] = client.run([request()], json_parser(Reply), "t")
+    assert result.ok and client.stats.sent == 1
+
+
 def test_transport_failure_is_an_error_row_not_a_crash_and_is_not_cached(tmp_path):
     def flaky(r):
         if "boom" in r.messages[0]["content"]:
