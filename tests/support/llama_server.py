@@ -155,6 +155,64 @@ except ImportError:  # usable without pytest
     pass
 
 
+def throughput(base_url: str, requests: int = 8, max_tokens: int = 64) -> dict[str, float]:
+    """Completion tokens/s for `requests` distinct chats sent one after another, then all at once.
+
+    `python tests/support/llama_server.py --bench` runs it against this launcher and the stock server.
+    Only meaningful on an otherwise idle machine (check /proc/loadavg)."""
+    import openai
+
+    async def measure() -> dict[str, float]:
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="none", timeout=600, max_retries=0)
+
+        async def one(i: int) -> int:
+            reply = await client.chat.completions.create(
+                model="m", max_tokens=max_tokens, temperature=0,
+                messages=[{"role": "user", "content": f"Tell a short story about object number {i}."}])
+            return reply.usage.completion_tokens
+
+        await one(-1)  # warm-up
+        started = time.perf_counter()
+        tokens = 0
+        for i in range(requests):
+            tokens += await one(i)
+        sequential = tokens / (time.perf_counter() - started)
+        started = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(1000 + i) for i in range(requests))))
+        concurrent = tokens / (time.perf_counter() - started)
+        await client.close()
+        return {"sequential_tok_s": round(sequential, 1), "concurrent_tok_s": round(concurrent, 1)}
+
+    return asyncio.run(measure())
+
+
+def _bench() -> None:
+    model = bundled_model_path()
+    for label in ("launcher", "stock"):
+        if label == "launcher":
+            base_url, process = start_llama_server()
+        else:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            process = subprocess.Popen(
+                [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads", "2",
+                 "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port), "--verbose", "False"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            base_url = f"http://127.0.0.1:{port}/v1"
+            for _ in range(600):
+                try:
+                    urllib.request.urlopen(base_url + "/models", timeout=2)
+                    break
+                except (urllib.error.URLError, ConnectionError):
+                    time.sleep(0.1)
+        try:
+            load = open("/proc/loadavg").read().split()[0]
+            print(label, f"load {load}", throughput(base_url), flush=True)
+        finally:
+            stop(process)
+
+
 # --------------------------------------------------------------------------------------------------
 # Child side
 # --------------------------------------------------------------------------------------------------
@@ -226,4 +284,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--bench"]:
+        _bench()
+    else:
+        main()
