@@ -67,5 +67,5 @@ def test_openai_backend_against_a_real_llama_cpp_server(llama_server, write_pipe
 @pytest.mark.slow
 def test_multi_row_hh_run_on_the_embedded_model(write_pipeline, hh_data, tmp_path):
     path = write_pipeline(PIPELINE.format(model="{backend: llamacpp}", data=hh_data, samples=2))
-    first, again = run_twice(path, tmp_path, limit=12)
-    check_real_run(first, again, rows=12, samples=2, run_dir=tmp_path / "run")
+    first, again = run_twice(path, tmp_path, limit=6)
+    check_real_run(first, again, rows=6, samples=2, run_dir=tmp_path / "run")

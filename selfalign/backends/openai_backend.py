@@ -1,26 +1,45 @@
 """Any OpenAI-compatible endpoint (vLLM serve, llama.cpp server, TGI, OpenAI) through the async client.
 
-A fixed pool of `max_concurrency` workers drains the batch, so memory stays flat at any batch size.
-Transport failures (429, 5xx, timeouts, resets, garbage bodies, empty choices) are retried with
-jittered exponential backoff, honouring `Retry-After`; what still fails comes back as that row's error.
+A fixed pool of `max_concurrency` workers drains the batch, so memory stays flat at any batch size; the
+`openai.AsyncOpenAI` client runs over its aiohttp transport (`DefaultAioHttpClient`, keep-alive, one
+connection per worker). Transport failures (429, 5xx, timeouts, resets, truncated or garbage bodies,
+empty choices) are retried with jittered exponential backoff, honouring `Retry-After`; what still fails
+comes back as that row's error.
+
+Lean on purpose (see benchmarks/): the request body is serialised once with orjson and sent through the
+client's generic `post` (auth, headers, timeouts, error types of the SDK, but not its recursive transform
+of typed params), the reply is parsed with orjson (no pydantic model of it), and the first attempt runs
+outside tenacity; only a retryable failure enters the `AsyncRetrying` loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import inspect
 import os
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import openai
+import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from ..errors import RunError
 from .base import Completion, OnResult, Request
 
+try:  # the HTTP library the installed openai is built on: httpx2 (openai >= 3) or httpx
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - older openai releases
+    import httpx as _http  # type: ignore[no-redef]
+
 RETRYABLE_STATUS = {408, 409, 425, 429}
 MAX_RETRY_AFTER_S = 120.0
+BACKOFF_MULTIPLIER_S = 0.5
+CHAT_PATH = "/chat/completions"
+
+# send(body bytes) -> reply body bytes; raises the SDK's errors (APIStatusError, APIConnectionError, ...)
+Send = Callable[[bytes], Awaitable[bytes]]
 
 
 class EmptyReply(Exception):
@@ -29,34 +48,77 @@ class EmptyReply(Exception):
 
 def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError,
-                        EmptyReply, ValueError)):
-        return True
+                        EmptyReply, ValueError, asyncio.TimeoutError, TimeoutError, ConnectionError)):
+        return True  # ValueError covers a body that is not JSON (orjson.JSONDecodeError) or not an object
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
     return False
 
 
 def retry_after_seconds(exc: BaseException) -> float | None:
+    """The server's `Retry-After` (seconds or an HTTP date; `retry-after-ms` too), capped; None if absent."""
     response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    if not value:
+    headers = getattr(response, "headers", None)
+    if headers is None:
         return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        seconds = parsed.timestamp() - time.time() if parsed else 0.0
+    seconds = None
+    millis = headers.get("retry-after-ms")
+    if millis:
+        try:
+            seconds = float(millis) / 1000.0
+        except ValueError:
+            seconds = None
+    value = headers.get("retry-after")
+    if seconds is None and value:
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                parsed = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                parsed = None
+            seconds = parsed.timestamp() - time.time() if parsed is not None else None
+    if seconds is None or seconds != seconds:  # absent, unparseable or NaN
+        return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER_S)
 
 
 class _WaitHonouringRetryAfter:
-    def __init__(self, fallback):
+    """tenacity wait: the server's Retry-After when it sent one, else `fallback` (jittered exponential).
+
+    `offset` counts the failures that happened before the tenacity loop started (the fast first attempt),
+    so the backoff keeps growing from where that attempt left it.
+    """
+
+    def __init__(self, fallback, offset: int = 0):
         self.fallback = fallback
+        self.offset = offset
 
     def __call__(self, retry_state) -> float:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         told = retry_after_seconds(exc) if exc else None
-        return told if told is not None else self.fallback(retry_state)
+        if told is not None:
+            return told
+        if self.offset:
+            retry_state = _Shifted(retry_state, self.offset)
+        return self.fallback(retry_state)
+
+
+class _Failures:
+    """The one field of a tenacity RetryCallState that its exponential waits read."""
+
+    def __init__(self, attempt_number: int):
+        self.attempt_number = attempt_number
+
+
+class _Shifted:
+    """A view of a tenacity RetryCallState whose attempt_number counts earlier failures too."""
+
+    def __init__(self, state, offset: int):
+        self._state, self.attempt_number = state, state.attempt_number + offset
+
+    def __getattr__(self, name: str):
+        return getattr(self._state, name)
 
 
 def response_format(mode: str, schema: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -65,6 +127,33 @@ def response_format(mode: str, schema: dict[str, Any] | None) -> dict[str, Any] 
     if mode == "json_object":
         return {"type": "json_object", "schema": schema}
     return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+
+
+def parse_reply(payload: bytes) -> Completion:
+    """A chat-completion body -> Completion; raises (retryably) on non-JSON, no choices or null content."""
+    data = orjson.loads(payload)
+    if not isinstance(data, dict):
+        raise ValueError(f"the reply is JSON but not an object: {payload[:200]!r}")
+    choices = data.get("choices")
+    if not choices:
+        error = data.get("error")
+        raise EmptyReply(f"the server returned no choices{f': {error}' if error else ''}")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    if content is None:
+        raise EmptyReply("the server returned no message content")
+    usage = data.get("usage")
+    if not isinstance(usage, dict):
+        usage = {}
+    extra = {"tries": 1}
+    if choice.get("finish_reason"):
+        extra["finish_reason"] = choice["finish_reason"]
+    return Completion(content, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), extra=extra)
+
+
+def _count(value: Any) -> int:
+    return value if type(value) is int else 0
 
 
 class OpenAIBackend:
@@ -88,37 +177,13 @@ class OpenAIBackend:
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(base_url={self.base_url!r}, model={self.model!r})"
 
-    def generate(self, requests: list[Request], on_result: OnResult | None = None) -> list[Completion]:
-        return asyncio.run(self._generate(requests, on_result))
+    # ------------------------------------------------------------------ request bodies
 
-    async def _generate(self, requests: list[Request], on_result: OnResult | None) -> list[Completion]:
-        results: list[Completion | None] = [None] * len(requests)
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for index in range(len(requests)):
-            queue.put_nowait(index)
-        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self.timeout_s,
-                                    max_retries=0)  # tenacity retries, so that Retry-After and counts are ours
-
-        async def worker() -> None:
-            while True:
-                try:
-                    index = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                results[index] = await self._one(client, requests[index])
-                if on_result:
-                    on_result(index, results[index])
-
-        try:
-            await asyncio.gather(*(worker() for _ in range(min(self.max_concurrency, len(requests)) or 1)))
-        finally:
-            await client.close()
-        return [r if r is not None else Completion(None, error="no reply") for r in results]
-
-    async def _one(self, client: openai.AsyncOpenAI, request: Request) -> Completion:
+    def request_body(self, request: Request) -> dict[str, Any]:
+        """The chat-completion body sent for `request` (the benchmarks send the very same bytes)."""
         sampling = request.sampling
         body: dict[str, Any] = {
-            "model": self.model, "messages": list(request.messages), "temperature": sampling.temperature,
+            "model": self.model, "messages": request.messages, "temperature": sampling.temperature,
             "top_p": sampling.top_p, "max_tokens": sampling.max_tokens,
         }
         if sampling.seed is not None:
@@ -126,27 +191,110 @@ class OpenAIBackend:
         fmt = response_format(self.structured_output, request.json_schema)
         if fmt is not None:
             body["response_format"] = fmt
-        tries = 0
+        return body
+
+    def encode(self, request: Request) -> bytes:
+        return orjson.dumps(self.request_body(request))
+
+    # ------------------------------------------------------------------ transport
+
+    def _http_client(self):
+        """The SDK's aiohttp transport sized to our concurrency (keep-alive); httpx if the extra is missing."""
+        limits = _http.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency,
+                              keepalive_expiry=60.0)
+        factory = getattr(openai, "DefaultAioHttpClient", None)
+        if factory is not None:
+            try:
+                return factory(limits=limits, timeout=self.timeout_s)
+            except RuntimeError:  # openai installed without its aiohttp extra
+                pass
+        return openai.DefaultAsyncHttpxClient(limits=limits, timeout=self.timeout_s)
+
+    async def _open(self) -> tuple[Send, Callable[[], Awaitable[None]]]:
+        """(send, close) for one batch. Must run inside the batch's event loop (aiohttp binds to it)."""
+        client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self.timeout_s,
+                                    max_retries=0,  # tenacity retries, so that Retry-After and counts are ours
+                                    http_client=self._http_client())
+        post, response_type = client.post, _http.Response
+        # Bytes go in `content=` where the SDK has it; older releases take pre-serialised bytes as `body=`.
+        field = "content" if "content" in inspect.signature(post).parameters else "body"
+
+        async def send(body: bytes) -> bytes:
+            # The SDK's generic POST: its auth, headers, timeouts and error types (non-2xx raises
+            # APIStatusError), with the body already serialised and the raw response back.
+            response = await post(CHAT_PATH, cast_to=response_type, **{field: body})
+            return response.content
+
+        return send, client.close
+
+    # ------------------------------------------------------------------ the batch
+
+    def generate(self, requests: list[Request], on_result: OnResult | None = None) -> list[Completion]:
+        return asyncio.run(self._generate(requests, on_result))
+
+    async def _generate(self, requests: list[Request], on_result: OnResult | None) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(requests)
+        if not requests:
+            return []
+        send, close = await self._open()
+        indices = iter(range(len(requests)))  # shared by the workers: each takes the next index
+
+        async def worker() -> None:
+            one = self._one
+            for index in indices:
+                completion = await one(send, requests[index])
+                results[index] = completion
+                if on_result is not None:
+                    on_result(index, completion)
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(min(self.max_concurrency, len(requests)))))
+        finally:
+            await close()
+        return [r if r is not None else Completion(None, error="no reply") for r in results]
+
+    async def _one(self, send: Send, request: Request) -> Completion:
+        try:
+            body = self.encode(request)
+        except Exception as exc:  # a request that cannot be serialised fails alone
+            return _failed(exc, 0)
+        try:  # the fast path: one attempt, no retry machinery
+            return parse_reply(await send(body))
+        except Exception as exc:
+            if not is_retryable(exc) or self.max_retries <= 0:
+                return _failed(exc, 1)
+            first = exc
+        return await self._retry(send, body, first)
+
+    async def _retry(self, send: Send, body: bytes, first: BaseException) -> Completion:
+        """After a retryable first failure: wait, then up to `max_retries` more attempts under tenacity.
+
+        The waits are those a tenacity loop around every attempt would make: Retry-After when the server
+        sent one, else jittered exponential backoff by the number of failures so far."""
+        backoff = wait_random_exponential(multiplier=BACKOFF_MULTIPLIER_S, max=self.backoff_max_s)
+        told = retry_after_seconds(first)
+        await asyncio.sleep(told if told is not None else backoff(_Failures(1)))
+        tries = 1
         try:
             async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(self.max_retries + 1),
-                    wait=_WaitHonouringRetryAfter(wait_random_exponential(multiplier=0.5, max=self.backoff_max_s)),
+                    stop=stop_after_attempt(self.max_retries),
+                    wait=_WaitHonouringRetryAfter(backoff, offset=1),
                     retry=retry_if_exception(is_retryable), reraise=True):
                 with attempt:
                     tries += 1
-                    reply = await client.chat.completions.create(**body)
-                    if not reply.choices or reply.choices[0].message is None \
-                            or reply.choices[0].message.content is None:
-                        raise EmptyReply("the server returned no choices/content")
+                    completion = parse_reply(await send(body))
         except Exception as exc:
-            return Completion(None, error=f"{type(exc).__name__}: {_short(exc)} (after {tries} tries)",
-                              extra={"tries": tries})
-        usage = reply.usage
-        return Completion(reply.choices[0].message.content, usage.prompt_tokens if usage else 0,
-                          usage.completion_tokens if usage else 0, extra={"tries": tries})
+            return _failed(exc, tries)
+        completion.extra["tries"] = tries
+        return completion
 
     def close(self) -> None:
         pass
+
+
+def _failed(exc: BaseException, tries: int) -> Completion:
+    return Completion(None, error=f"{type(exc).__name__}: {_short(exc)} (after {tries} tries)",
+                      extra={"tries": tries, "retryable": is_retryable(exc)})
 
 
 def _short(exc: BaseException) -> str:
