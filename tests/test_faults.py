@@ -18,6 +18,7 @@ The table (fault x rows in / ok / dropped / lost / extra calls) is printed at th
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -178,8 +179,23 @@ def cache_rows(run_dir: Path) -> int:
         return db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
 
+def rows_asked(proxy: FaultProxy, run_dir: Path) -> set[str]:
+    """row_ids whose critique requests went through the proxy since its counters were reset."""
+    by_question = {}
+    for row in pl.read_parquet(run_dir / "stages" / "00-load.parquet").iter_rows(named=True):
+        by_question[re.match(r"Question (\d+):", row["prompt"][0]["content"]).group(1)] = row["row_id"]
+    asked = set()
+    for body in proxy.bodies.values():
+        messages = json.loads(body)["messages"]
+        found = next((m for m in (re.search(r"Question (\d+):", x["content"]) for x in messages) if m), None)
+        assert found, f"a request names no row: {messages!r:.300}"
+        asked.add(by_question[found.group(1)])
+    return asked
+
+
 def fault_case(tmp_path: Path, proxy: FaultProxy, faults: dict[str, float], rows: int, label: str,
-               timeout_s: float = 2, max_tokens: int = 96, max_concurrency: int = 8) -> dict:
+               timeout_s: float = 2, max_tokens: int = 96, max_concurrency: int = 8,
+               deterministic_upstream: bool = True) -> dict:
     """Run with faults, check, re-run through the same proxy with faults off, check again; add a table row."""
     baseline = rows * TARGETS * SAMPLES
     pipeline = write_pipeline(tmp_path, proxy.url, rows, timeout_s=timeout_s, max_tokens=max_tokens,
@@ -191,6 +207,7 @@ def fault_case(tmp_path: Path, proxy: FaultProxy, faults: dict[str, float], rows
     first = run(pipeline, run_dir)
     seconds = time.perf_counter() - started
     counts = check_accounting(run_dir, first, rows)
+    outcome_before = outcome(run_dir)
     log1 = list(proxy.log)
     calls1 = first["model_calls"]
     assert calls1["requested"] >= baseline
@@ -220,6 +237,12 @@ def fault_case(tmp_path: Path, proxy: FaultProxy, faults: dict[str, float], rows
         assert {body for _, _, body, _ in proxy.log} == missing, "the re-run asked for calls that were answered"
     if not counts["dropped"]:
         assert sent2 == 0
+    # A re-run sends calls only for rows not yet ok: every request it sent belongs to a row dropped before.
+    _, _, dropped_before, _ = outcome_before
+    assert rows_asked(proxy, run_dir) <= set(dropped_before), "the re-run asked again for rows that were ok"
+    if deterministic_upstream:
+        # Each failed call is asked once more (its reply is now valid, so no re-asks): exactly the failed ones.
+        assert sent2 == calls1["failed"], f"re-run sent {sent2} calls, {calls1['failed']} had failed"
 
     row = {"fault": label, **counts, "baseline_calls": baseline, "http_requests": http_requests,
            "extra_calls": http_requests - baseline, "failed_calls": calls1["failed"],
@@ -330,5 +353,5 @@ def test_mixed_faults_against_llama_cpp(llama_server, tmp_path, quick_backoff): 
     faults = mixed_faults(0.2, tuple(f for f in FAULTS if f != "hang"))
     with FaultProxy(llama_server, seed=6, retry_after_s=1) as proxy:
         result = fault_case(tmp_path, proxy, faults, rows, "llama.cpp, mixed @ 20% (no hang)",
-                            timeout_s=60, max_tokens=64, max_concurrency=2)
+                            timeout_s=60, max_tokens=64, max_concurrency=2, deterministic_upstream=False)
     assert result["counts"]["lost"] == 0

@@ -6,6 +6,7 @@
         proxy.requests       # chat requests received
         proxy.forwarded      # requests sent on to the upstream
         proxy.log            # [(request number, fault or "ok", body fingerprint, arrival time)]
+        proxy.bodies         # body fingerprint -> request body bytes
 
 Faults apply to `POST .../chat/completions` only (GET /models always passes through). Request number n
 (0, 1, 2, ... in arrival order) draws its fault from `random.Random(f"{seed}:{n}")`, so the sequence of
@@ -79,6 +80,7 @@ class FaultProxy:
         self.forwarded = 0
         # (request number, fault or "ok", body fingerprint, time.monotonic() on arrival)
         self.log: list[tuple[int, str, str, float]] = []
+        self.bodies: dict[str, bytes] = {}  # body fingerprint -> the request body, to see what was asked
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -106,6 +108,7 @@ class FaultProxy:
             self.requests = 0
             self.forwarded = 0
             self.log.clear()
+            self.bodies.clear()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -128,7 +131,9 @@ class FaultProxy:
                     fault = kind
                     break
             self.counts[fault] += 1
-            self.log.append((number, fault, hashlib.sha256(body).hexdigest()[:16], time.monotonic()))
+            fingerprint = hashlib.sha256(body).hexdigest()[:16]
+            self.log.append((number, fault, fingerprint, time.monotonic()))
+            self.bodies.setdefault(fingerprint, body)
             return number, fault
 
     # ------------------------------------------------------------------ lifecycle
