@@ -34,10 +34,11 @@ MAX_TOKENS = 64
 def _start_server() -> tuple[str, Callable[[], None], str]:
     """(base_url, stop, which)."""
     if (REPO / "tests" / "support" / "llama_server.py").is_file():
-        from tests.support.llama_server import start_llama_server, stop
+        from tests.support.llama_server import start_llama_server
+        from tests.support.llama_server import stop as stop_server
 
         url, process = start_llama_server(n_ctx=2048, n_threads=2)
-        return url, lambda: stop(process), "tests/support/llama_server.py (one model thread)"
+        return url, lambda: stop_server(process), "tests/support/llama_server.py (one model thread)"
     import socket
     import urllib.request
 
