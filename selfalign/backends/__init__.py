@@ -15,11 +15,15 @@ def backend_for(config) -> tuple[dict[str, Any], Callable[[], Backend]]:
         return model_identity(config.model_path), lambda: LlamaCppBackend(
             config.model_path, n_ctx=config.n_ctx, n_threads=config.n_threads)
     if isinstance(config, OpenAIModel):
-        from .openai_backend import OpenAIBackend
         identity = {"backend": "openai", "base_url": config.base_url.rstrip("/"), "model": config.model}
-        return identity, lambda: OpenAIBackend(
-            config.base_url, config.model, api_key_env=config.api_key_env, max_concurrency=config.max_concurrency,
-            timeout_s=config.timeout_s, max_retries=config.max_retries, structured_output=config.structured_output)
+
+        def start_openai() -> Backend:
+            # Imported here: a fully cached re-run never pays for loading the openai SDK.
+            from .openai_backend import OpenAIBackend
+            return OpenAIBackend(config.base_url, config.model, api_key_env=config.api_key_env,
+                                 max_concurrency=config.max_concurrency, timeout_s=config.timeout_s,
+                                 max_retries=config.max_retries, structured_output=config.structured_output)
+        return identity, start_openai
     if isinstance(config, VLLMModel):
         identity = {"backend": "vllm", "model": config.model, "dtype": config.dtype}
 

