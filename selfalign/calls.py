@@ -3,7 +3,8 @@
 Every reply is validated here with pydantic even when the backend constrained decoding. An invalid reply
 is re-asked with the error quoted (a new request, so it has its own cache entry and resumes exactly);
 the caller's messages are never mutated. A call that still fails comes back as a `CallResult` with
-status "failed", its error, the number of attempts and the raw output: never as a silent None.
+status "failed", its error, the number of attempts (transport tries and re-asks) and the raw output:
+never as a silent None.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class ModelClient:
             replies, keys = self._complete([current[i] for i in pending], label + suffix)
             still_invalid = []
             for i, reply, key in zip(pending, replies, keys):
-                attempts[i] += 1
+                # Every HTTP try counts (a reply that needed 3 tries is 3 attempts); a cached reply counts 1.
+                attempts[i] += max(1, int(reply.extra.get("tries", 1)))
                 chain_keys[i].append(key)
                 if not reply.ok:
                     # Transport failures were already retried by the backend; re-asking would not help.

@@ -35,6 +35,7 @@ class OpenAIModel(Strict):
     max_concurrency: int = Field(16, ge=1, le=4096)
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(6, ge=0, le=50, description="transport retries per call (429/5xx/timeouts)")
+    backoff_max_s: float = Field(30.0, gt=0, le=600, description="longest wait between retries (without Retry-After)")
     # llama.cpp's server rejects OpenAI's json_schema type but honours json_object with a schema.
     structured_output: Literal["json_schema", "json_object", "none"] = "json_schema"
 

@@ -37,19 +37,26 @@ RETRYABLE_STATUS = {408, 409, 425, 429}
 MAX_RETRY_AFTER_S = 120.0
 BACKOFF_MULTIPLIER_S = 0.5
 CHAT_PATH = "/chat/completions"
+MAX_RAW_BODY = 20_000  # characters of a bad reply body kept on the failed row
 
 # send(body bytes) -> reply body bytes; raises the SDK's errors (APIStatusError, APIConnectionError, ...)
 Send = Callable[[bytes], Awaitable[bytes]]
 
 
-class EmptyReply(Exception):
-    """A 200 response without a usable choice: treated like any other transient server fault."""
+class BadReply(ValueError):
+    """A 200 response whose body is not a chat completion (not JSON, not an object, no choices, no content).
+
+    Carries the body, so a call that exhausts its tries still shows the user what the server sent."""
+
+    def __init__(self, message: str, body: bytes):
+        super().__init__(message)
+        self.body = body
 
 
 def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError,
-                        EmptyReply, ValueError, asyncio.TimeoutError, TimeoutError, ConnectionError)):
-        return True  # ValueError covers a body that is not JSON (orjson.JSONDecodeError) or not an object
+                        ValueError, asyncio.TimeoutError, TimeoutError, ConnectionError)):
+        return True  # ValueError covers BadReply: a 200 whose body is not a usable chat completion
     if isinstance(exc, openai.APIStatusError):
         return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
     return False
@@ -131,18 +138,21 @@ def response_format(mode: str, schema: dict[str, Any] | None) -> dict[str, Any] 
 
 def parse_reply(payload: bytes) -> Completion:
     """A chat-completion body -> Completion; raises (retryably) on non-JSON, no choices or null content."""
-    data = orjson.loads(payload)
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BadReply(f"the reply body is not JSON ({exc})", payload) from None
     if not isinstance(data, dict):
-        raise ValueError(f"the reply is JSON but not an object: {payload[:200]!r}")
+        raise BadReply("the reply is JSON but not an object", payload)
     choices = data.get("choices")
     if not choices:
         error = data.get("error")
-        raise EmptyReply(f"the server returned no choices{f': {error}' if error else ''}")
+        raise BadReply(f"the server returned no choices{f': {error}' if error else ''}", payload)
     choice = choices[0]
     message = choice.get("message") if isinstance(choice, dict) else None
     content = message.get("content") if isinstance(message, dict) else None
     if content is None:
-        raise EmptyReply("the server returned no message content")
+        raise BadReply("the server returned no message content", payload)
     usage = data.get("usage")
     if not isinstance(usage, dict):
         usage = {}
@@ -293,8 +303,23 @@ class OpenAIBackend:
 
 
 def _failed(exc: BaseException, tries: int) -> Completion:
-    return Completion(None, error=f"{type(exc).__name__}: {_short(exc)} (after {tries} tries)",
+    # The raw output of a failed call: the body of a 200 that was not a usable completion, or of an
+    # HTTP error response (its JSON error, an HTML error page); None when nothing arrived (reset, timeout).
+    raw = _raw_body(exc)
+    return Completion(raw, error=f"{type(exc).__name__}: {_short(exc)} (after {tries} tries)",
                       extra={"tries": tries, "retryable": is_retryable(exc)})
+
+
+def _raw_body(exc: BaseException) -> str | None:
+    body = getattr(exc, "body", None) if isinstance(exc, BadReply) else None
+    if body is None and isinstance(exc, openai.APIStatusError):
+        try:
+            body = exc.response.content
+        except Exception:  # a streamed or already closed response has no content to show
+            body = None
+    if body is None:
+        return None
+    return body[:MAX_RAW_BODY].decode("utf-8", errors="replace") if isinstance(body, bytes) else str(body)[:MAX_RAW_BODY]
 
 
 def _short(exc: BaseException) -> str:
