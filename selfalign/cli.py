@@ -14,8 +14,17 @@ def cmd_run(args) -> int:
     from .config import load_pipeline
     from .runner import run_pipeline
 
+    from .errors import disk_failure
+    from .runner import run_dir_for
+
     loaded = load_pipeline(args.file, args.set or [])
-    manifest = run_pipeline(loaded, output=args.output, limit=args.limit, quiet=args.quiet)
+    try:
+        manifest = run_pipeline(loaded, output=args.output, limit=args.limit, quiet=args.quiet)
+    except Exception as exc:
+        failure = disk_failure(exc, str(run_dir_for(loaded, args.output)))
+        if failure is None:
+            raise
+        raise failure from None
     if not args.quiet:
         calls = manifest["model_calls"]
         print(f"done in {manifest['seconds']:.1f}s: {manifest['rows_out']} rows out; model calls: "

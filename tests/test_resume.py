@@ -43,8 +43,9 @@ def cached_replies(run_dir) -> int:
         return 0
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_kill_9_then_resume_equals_undisturbed_run(write_pipeline, hh_data, tmp_path, seed):
+    """Five kills at random moments: after a random share (5-90%) of the calls are cached, plus a random pause."""
     pipeline = write_pipeline(PIPELINE.format(data=hh_data))
     reference = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", str(pipeline), "--output",
                                 str(tmp_path / "reference"), "--limit", "250", "--quiet"], capture_output=True)
@@ -54,9 +55,11 @@ def test_kill_9_then_resume_equals_undisturbed_run(write_pipeline, hh_data, tmp_
     run_dir = tmp_path / "killed"
     process = start(pipeline, run_dir)
     deadline = time.monotonic() + 60
-    while cached_replies(run_dir) < 100 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.Random(seed).uniform(0, 0.8))
+    moment = random.Random(seed)
+    kill_after = int(total_calls * moment.uniform(0.05, 0.9))
+    while cached_replies(run_dir) < kill_after and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    time.sleep(moment.uniform(0, 0.2))
     assert process.poll() is None, "the run finished before it could be killed; raise the fake latency"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
