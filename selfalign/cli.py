@@ -12,10 +12,8 @@ from .errors import SelfalignError
 
 def cmd_run(args) -> int:
     from .config import load_pipeline
-    from .runner import run_pipeline
-
     from .errors import disk_failure
-    from .runner import run_dir_for
+    from .runner import run_dir_for, run_pipeline
 
     loaded = load_pipeline(args.file, args.set or [])
     try:
