@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,10 +17,15 @@ def cmd_run(args) -> int:
     from .runner import run_dir_for, run_pipeline
 
     loaded = load_pipeline(args.file, args.set or [])
+    run_dir = run_dir_for(loaded, args.output)
+    created = first_missing(run_dir)
     try:
         manifest = run_pipeline(loaded, output=args.output, limit=args.limit, quiet=args.quiet)
     except Exception as exc:
-        failure = disk_failure(exc, str(run_dir_for(loaded, args.output)))
+        if created is not None and not has_cached_calls(run_dir):
+            # Bad input (a data error, a missing key) found before any model call: leave the disk as it was.
+            shutil.rmtree(created, ignore_errors=True)
+        failure = disk_failure(exc, str(run_dir))
         if failure is None:
             raise
         raise failure from None
@@ -29,6 +35,26 @@ def cmd_run(args) -> int:
               f"{calls['requested']} requested, {calls['cached']} cached, {calls['sent']} sent, "
               f"{calls['failed']} failed", file=sys.stderr)
     return 0
+
+
+def first_missing(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (what a run would create), or None."""
+    missing = None
+    for candidate in [path, *path.parents]:
+        if candidate.exists():
+            break
+        missing = candidate
+    return missing
+
+
+def has_cached_calls(run_dir: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{run_dir / 'cache.sqlite'}?mode=ro", uri=True) as db:
+            return db.execute("SELECT EXISTS (SELECT 1 FROM replies)").fetchone()[0] == 1
+    except sqlite3.Error:  # no cache file, or no table yet: nothing was paid for
+        return False
 
 
 def cmd_validate(args) -> int:

@@ -131,8 +131,9 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
                 raise RowError("missing, but named in keep_columns", missing[0])
         except RowError as exc:
             if config.on_bad_row == "error":
-                raise DataError(f"{exc} (format {config.format})", file=source_name, row=number,
-                                column=exc.column) from None
+                raise DataError(f"{exc} (format {config.format}); fix the row, or set `on_bad_row: drop` on "
+                                "the load stage to skip bad rows (each is kept in dropped/ with its reason)",
+                                file=source_name, row=number, column=exc.column) from None
             dropped.append({"source_row": number, "drop_reason": f"bad_input: {exc.column}: {exc}",
                             "raw": json.dumps(raw, ensure_ascii=False, default=str)[:10_000]})
             continue
