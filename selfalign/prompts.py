@@ -15,6 +15,8 @@ import jinja2
 from jinja2 import meta
 from jinja2.sandbox import SandboxedEnvironment
 
+from .errors import SelfalignError
+
 ROLES = ("system", "user")
 
 
@@ -40,14 +42,18 @@ class PromptTemplate:
             block = self.template.blocks.get(role)
             if block is None:
                 continue
-            text = "".join(block(self.template.new_context(variables))).strip()
+            try:
+                text = "".join(block(self.template.new_context(variables))).strip()
+            except jinja2.exceptions.SecurityError as exc:
+                raise TemplateError(f"{self.path}: the sandbox refused the template: {exc}; templates may use "
+                                    "only the variables the stage provides") from None
             if text:
                 messages.append({"role": role, "content": text})
         return messages
 
 
-class TemplateError(Exception):
-    pass
+class TemplateError(SelfalignError):
+    """A template that cannot be used; the CLI prints it without a traceback (exit 2)."""
 
 
 def load_template(path: Path) -> PromptTemplate:
@@ -64,5 +70,11 @@ def load_template(path: Path) -> PromptTemplate:
     unknown_blocks = set(template.blocks) - set(ROLES)
     if unknown_blocks:
         raise TemplateError(f"{path}: unknown block(s) {sorted(unknown_blocks)}; use only {list(ROLES)}")
+    for node in ast.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem)):
+        # The sandbox would refuse these at render time, mid-run; refuse them before the run starts.
+        name = node.attr if isinstance(node, jinja2.nodes.Getattr) else getattr(node.arg, "value", None)
+        if isinstance(name, str) and name.startswith("_"):
+            raise TemplateError(f"{path}:{node.lineno}: the template reaches for {name!r}; templates may use "
+                                "only the variables the stage provides and their public fields")
     return PromptTemplate(path=path, source=source, template=template,
                           variables=frozenset(meta.find_undeclared_variables(ast)))

@@ -44,6 +44,10 @@ CASES = [  # (id, (old, new) in the pipeline or None, data bytes, expected fragm
     ("empty_file", None, "", "data.jsonl: has no rows"),
     ("non_utf8", None, GOOD_ROW.encode() + b'{"prompt": "\xff\xfe"}\n', "data.jsonl, row 2: not UTF-8"),
     ("ten_megabyte_row", None, json.dumps({"prompt": "q", "chosen": "a" * 10_000_000, "rejected": "b"}) + "\n", "data.jsonl, row 1, column 'chosen': 10,000,000 characters, over max_chars"),
+    # Security: the YAML cannot build Python objects; a template cannot reach Python internals.
+    ("yaml_python_tag", ("name: bad", "name: !!python/object/apply:os.system [\"touch pwned\"]"), GOOD_ROW, "{p}:2: malformed YAML: could not determine a constructor for the tag"),
+    ("template_dunder", ("    samples: 2", "    samples: 2\n    prompt: dunder.jinja"), GOOD_ROW, "dunder.jinja:1: the template reaches for '__subclasses__'"),
+    ("template_attr_filter", ("    samples: 2", "    samples: 2\n    prompt: attr.jinja"), GOOD_ROW, "attr.jinja: the sandbox refused the template: access to attribute '__class__'"),
     ("hh_without_assistant", ("format: trl", "format: hh-rlhf"), HH_NO_ASSISTANT, "data.jsonl, row 1, column 'chosen': transcript has no final Assistant turn"),
 ]
 
@@ -59,6 +63,9 @@ def test_bad_input_exits_2_names_the_place_and_writes_nothing(edit, data, expect
     pipeline.write_text(text)
     (tmp_path / "data.jsonl").write_bytes(data.encode() if isinstance(data, str) else data)
     (tmp_path / "bad.jinja").write_text("{% block user %}{{ response }} {{ reference_answer }}{% endblock %}")
+    (tmp_path / "dunder.jinja").write_text("{% block user %}{{ response.__class__.__mro__[1].__subclasses__() }}"
+                                           "{% endblock %}")
+    (tmp_path / "attr.jinja").write_text('{% block user %}{{ response|attr("__class__") }}{% endblock %}')
     before = sorted(p.name for p in tmp_path.rglob("*"))
 
     assert main(["run", str(pipeline)]) == 2
