@@ -2,7 +2,8 @@
 
 The run directory holds one parquet per stage (`stages/`), the rows each stage dropped with their reason
 (`dropped/`), the request cache (`cache.sqlite`) and `manifest.json`. Re-running resumes: deterministic
-stages are recomputed (cheap), model stages find their replies in the cache.
+stages are recomputed (cheap); a model stage whose input, config, prompts and model are unchanged and that
+had no failed call is read back from `stages/` (reuse.py); other model stages find their replies in the cache.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 import polars as pl
 
-from . import __version__
+from . import __version__, reuse
 from .atomic import write_json, write_parquet, write_text
 from .backends import backend_for
 from .backends.base import Backend
@@ -149,6 +150,18 @@ def _call_totals(ctx: RunContext) -> dict[str, int]:
     return {key: sum(getattr(stats, key) for stats in ctx.stats.values()) for key in keys}
 
 
+def _requested_by_model(ctx: RunContext) -> dict[str, int]:
+    return {name: stats.requested for name, stats in ctx.stats.items()}
+
+
+def _count_reused_calls(ctx: RunContext, requested: dict[str, int]) -> None:
+    """A reused stage's calls count as served from the cache, as they would be if it were recomputed."""
+    for model, count in requested.items():
+        stats = ctx.client(model).stats
+        stats.requested += count
+        stats.cached += count
+
+
 def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = True) -> tuple[pl.DataFrame, list]:
     """Run stages [0, stop_before); write each stage's rows and drops when `write`."""
     df = pl.DataFrame()
@@ -158,16 +171,28 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
         started = time.perf_counter()
         rows_in = df.height
         ctx.progress.log(f"stage {index} ({stage.kind})" + (f": {rows_in} rows in" if index else ""))
-        calls_before = _call_totals(ctx)
-        output = STAGES[stage.kind][1](df, stage, ctx)
+        name = f"{index:02d}-{stage.kind}"
+        # A model stage whose input, config, prompts and model are unchanged is read back (see reuse.py).
+        fingerprint = reuse.stage_fingerprint(ctx, stage, df) if reuse.is_model_stage(stage) else None
+        stored = reuse.read_stored(ctx.run_dir, name, fingerprint) if fingerprint else None
+        calls_before, requested_before = _call_totals(ctx), _requested_by_model(ctx)
+        if stored is not None:
+            _count_reused_calls(ctx, stored.requested)
+            output = stored.output
+        else:
+            output = STAGES[stage.kind][1](df, stage, ctx)
         calls = {key: value - calls_before[key] for key, value in _call_totals(ctx).items()}
         dropped = output.dropped
         if dropped is None:  # same columns as the rows, so every dropped/ file can be read the same way
             dropped = output.kept.clear().with_columns(drop_reason=pl.lit(None, dtype=pl.Utf8))
-        if write:
-            name = f"{index:02d}-{stage.kind}.parquet"
-            write_parquet(output.kept, ctx.run_dir / "stages" / name)
-            write_parquet(dropped, ctx.run_dir / "dropped" / name)
+        if write and stored is None:
+            reuse.forget(ctx.run_dir, name)  # before the files change, so no stale record describes them
+            write_parquet(output.kept, ctx.run_dir / "stages" / f"{name}.parquet")
+            write_parquet(dropped, ctx.run_dir / "dropped" / f"{name}.parquet")
+            if fingerprint is not None:
+                requested = {model: count - requested_before.get(model, 0)
+                             for model, count in _requested_by_model(ctx).items() if model in stage.model_names()}
+                reuse.remember(ctx.run_dir, name, fingerprint, requested, calls["failed"], output.metrics)
         reasons = dropped.group_by("drop_reason").len().sort("drop_reason").rows() if dropped.height else []
         funnel.append({"stage": index, "kind": stage.kind, "in": rows_in if index else output.metrics.get(
             "rows_read", output.kept.height + dropped.height), "out": output.kept.height, "dropped": dropped.height,
