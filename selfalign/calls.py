@@ -17,7 +17,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from .backends.base import Backend, Completion, Request
-from .cache import Cache, request_key
+from .cache import Cache, request_keys
 from .errors import RunError
 from .progress import Progress
 
@@ -142,7 +142,7 @@ class ModelClient:
 
     def _complete(self, requests: list[Request], label: str) -> tuple[list[Completion], list[str]]:
         started = time.perf_counter()
-        keys = [request_key(self.identity, r) for r in requests]
+        keys = request_keys(self.identity, requests)
         hits = self._cache.get_many(keys) if self._cache is not None else {}
         replies: list[Completion | None] = [None] * len(requests)
         misses = []

@@ -23,6 +23,7 @@ import polars as pl
 from . import __version__
 from .atomic import write_json
 from .cache import canonical_json
+from .fingerprint import frame_fingerprint
 from .stages.base import StageConfig, StageOutput
 
 
@@ -34,17 +35,6 @@ class StoredStage:
 
 def is_model_stage(stage: StageConfig) -> bool:
     return bool(stage.model_names())
-
-
-def frame_fingerprint(df: pl.DataFrame) -> str:
-    """Content hash of a frame: its schema and a 64-bit hash of every row, in order.
-
-    polars' row hash is deterministic within one polars version, so the version is part of the hash."""
-    digest = hashlib.sha256()
-    digest.update(f"polars {pl.__version__}; {df.height} rows; {df.schema}".encode())
-    if df.width:
-        digest.update(df.hash_rows().to_numpy().tobytes())
-    return digest.hexdigest()
 
 
 def stage_fingerprint(ctx, stage: StageConfig, df: pl.DataFrame) -> str:

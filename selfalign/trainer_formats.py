@@ -262,9 +262,17 @@ def prompt_bucket(prompt: list[dict[str, str]]) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
+def prompt_buckets(prompts: pl.Series, slice_rows: int = 100_000) -> pl.Series:
+    """`prompt_bucket` of every prompt, a slice at a time: the whole column as Python objects would take
+    several times the memory of the frame."""
+    buckets = []
+    for start in range(0, len(prompts), slice_rows):
+        buckets.extend(prompt_bucket(p) for p in prompts.slice(start, slice_rows).to_list())
+    return pl.Series(buckets, dtype=pl.Float64)
+
+
 def split_by_prompt(df: pl.DataFrame, test_size: float) -> dict[str, pl.DataFrame]:
     if test_size <= 0 or df.height == 0:
         return {"train": df}
-    buckets = pl.Series([prompt_bucket(p) for p in df["prompt"].to_list()], dtype=pl.Float64)
-    is_test = buckets < test_size
+    is_test = prompt_buckets(df["prompt"]) < test_size
     return {"train": df.filter(~is_test), "test": df.filter(is_test)}

@@ -6,7 +6,7 @@ from pydantic import BaseModel
 
 from selfalign.backends.base import Request, Sampling
 from selfalign.backends.fake import FakeBackend
-from selfalign.cache import Cache, request_key
+from selfalign.cache import Cache, request_key, request_keys
 from selfalign.calls import CallStats, ModelClient, json_parser
 from selfalign.progress import Progress
 
@@ -95,3 +95,16 @@ def test_cache_key_covers_what_changes_a_reply_and_never_the_api_key():
     assert base != request_key({**identity, "base_url": "http://other/v1"}, request())
     assert base != request_key(identity, Request(request().messages, Sampling(0.0, 1.0, 64, 0),
                                                  request().json_schema, 0))
+
+
+def test_batched_request_keys_are_the_single_request_keys():
+    identity = {"backend": "openai", "base_url": "http://h/v1", "model": "m", "extra": {"b": 1, "a": [1.5, None]}}
+    shared = ({"role": "system", "content": "Judge. «ünïcode» \"quoted\"\n"}, {"role": "user", "content": "hi"})
+    sampling = Sampling(0.7, 1.0, 64, 3)
+    schema = {"type": "object", "properties": {"score": {"enum": [1, 2]}}, "required": ["score"]}
+    requests = [Request(shared, sampling, schema, sample_index=s) for s in range(3)]
+    requests += [Request(({"content": "x", "role": "user"},), Sampling(0.0, 0.9, 8, None), None, 0),
+                 Request(shared, Sampling(0.7, 1.0, 64, 3), dict(schema), 1)]  # equal values, other objects
+    keys = request_keys(identity, requests)
+    assert keys == [request_key(identity, r) for r in requests]
+    assert keys[1] == keys[4] and len(set(keys)) == 4

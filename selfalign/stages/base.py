@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from ..models import Strict
 
@@ -42,3 +43,19 @@ class StageOutput:
 def drop(df: pl.DataFrame, reason: str | pl.Expr) -> pl.DataFrame:
     """Mark rows as dropped with a reason (a literal or a per-row expression)."""
     return df.with_columns(drop_reason=pl.lit(reason) if isinstance(reason, str) else reason)
+
+
+# Nested columns built from flat Python lists through Arrow: polars converts nested Python objects (a dict per
+# struct) one row at a time, which dominated the load and critique stages' own time and memory.
+
+def strings(values: list[str | None]) -> pa.Array:
+    return pa.array(values, pa.large_string())
+
+
+def structs(**fields: pa.Array) -> pa.Array:
+    return pa.StructArray.from_arrays(list(fields.values()), names=list(fields))
+
+
+def lists(offsets: list[int], values: pa.Array) -> pa.Array:
+    """Row i holds values[offsets[i]:offsets[i + 1]] (offsets has one more entry than there are rows)."""
+    return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), values)

@@ -13,12 +13,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import polars as pl
+import pyarrow as pa
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..backends.base import Request, Sampling
 from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME, Strict
-from .base import StageConfig, StageOutput
+from .base import StageConfig, StageOutput, lists, strings, structs
 
 CRITIQUE = pl.Struct({"text": pl.Utf8, "score": pl.Float64, "sample_index": pl.Int64, "model": pl.Utf8,
                       "criterion_scores": pl.List(pl.Struct({"name": pl.Utf8, "score": pl.Float64}))})
@@ -124,34 +125,73 @@ def failure_columns(out: pl.DataFrame, failures: list[dict[str, Any] | None], me
     return StageOutput(out.filter(~failed), dropped, metrics)
 
 
+class CritiqueColumn:
+    """One target's `<target>_critiques` column, gathered as flat lists and built through Arrow (base.lists):
+    a list of critiques per answer, and for `responses` a list of those per row."""
+
+    def __init__(self, nested: bool):
+        self.nested = nested
+        self.texts: list[str] = []
+        self.scores: list[float] = []
+        self.sample_indexes: list[int] = []
+        self.criterion_names: list[str] = []
+        self.criterion_scores: list[float] = []
+        self.criterion_offsets = [0]  # criterion scores per critique
+        self.answer_offsets = [0]  # critiques per answer
+        self.row_offsets = [0]  # answers per row (nested only)
+
+    def add(self, text: str, score: float, sample_index: int, per_criterion: list[dict[str, Any]]) -> None:
+        self.texts.append(text)
+        self.scores.append(score)
+        self.sample_indexes.append(sample_index)
+        for criterion in per_criterion:
+            self.criterion_names.append(criterion["name"])
+            self.criterion_scores.append(criterion["score"])
+        self.criterion_offsets.append(len(self.criterion_names))
+
+    def end_answer(self) -> None:
+        self.answer_offsets.append(len(self.texts))
+
+    def end_row(self) -> None:
+        if self.nested:
+            self.row_offsets.append(len(self.answer_offsets) - 1)
+
+    def series(self, name: str, model: str) -> pl.Series:
+        per_criterion = structs(name=strings(self.criterion_names),
+                                score=pa.array(self.criterion_scores, pa.float64()))
+        critiques = structs(text=strings(self.texts), score=pa.array(self.scores, pa.float64()),
+                            sample_index=pa.array(self.sample_indexes, pa.int64()),
+                            model=strings([model] * len(self.texts)),
+                            criterion_scores=lists(self.criterion_offsets, per_criterion))
+        column = lists(self.answer_offsets, critiques)
+        if self.nested:
+            return pl.Series(name, lists(self.row_offsets, column)).cast(pl.List(pl.List(CRITIQUE)))
+        return pl.Series(name, column).cast(pl.List(CRITIQUE))
+
+
 def run(df: pl.DataFrame, config: CritiqueConfig, ctx) -> StageOutput:
     client = ctx.client(config.model)
     requests = build_requests(df, config, ctx)
     results = iter(client.run(requests, json_parser(config.reply_model()), label=f"critique ({config.model})",
                               max_attempts=config.max_attempts))
-    columns: dict[str, list] = {f"{t}_critiques": [] for t in config.targets}
+    columns = {target: CritiqueColumn(nested=target == "responses") for target in config.targets}
     failures: list[dict[str, Any] | None] = []
     for row in df.select(*config.targets).iter_rows(named=True):
         failure = None
         for target in config.targets:
-            per_text = []
+            column = columns[target]
             for text_index, _ in enumerate(_texts(row, target)):
-                critiques = []
                 for s in range(config.samples):
                     result = next(results)
                     if result.ok:
                         score, per = score_of(result.value, config)
-                        critiques.append({"text": result.value["critique"], "score": score, "sample_index": s,
-                                          "model": config.model, "criterion_scores": per})
+                        column.add(result.value["critique"], score, s, per)
                     elif failure is None:
                         where = f"{target}[{text_index}]" if isinstance(row[target], list) else target
                         failure = {"error": f"{where} sample {s}: {result.error}", "attempts": result.attempts,
                                    "raw_output": result.text}
-                per_text.append(critiques)
-            columns[f"{target}_critiques"].append(per_text if isinstance(row[target], list) else per_text[0])
+                column.end_answer()
+            column.end_row()
         failures.append(failure)
-    out = df.with_columns(
-        pl.Series(f"{t}_critiques", columns[f"{t}_critiques"],
-                  dtype=pl.List(pl.List(CRITIQUE)) if t == "responses" else pl.List(CRITIQUE))
-        for t in config.targets)
+    out = df.with_columns(column.series(f"{target}_critiques", config.model) for target, column in columns.items())
     return failure_columns(out, failures, {"calls": len(requests)})

@@ -14,6 +14,7 @@ import polars as pl
 from pydantic import Field
 
 from ..atomic import write_dir, write_json, write_parquet
+from ..fingerprint import frame_fingerprint
 from ..trainer_formats import NEEDS, CritiquePrompt, format_frame, llama_factory_dataset_info, split_by_prompt
 from .base import StageConfig, StageOutput
 
@@ -32,7 +33,9 @@ class ExportConfig(StageConfig):
 def to_dataset_dict(splits: dict[str, pl.DataFrame]):
     import datasets
 
-    return datasets.DatasetDict({name: datasets.Dataset(frame.to_arrow()) for name, frame in splits.items()})
+    # Our own content fingerprint: without one, `datasets` hashes a serialised copy of the whole table.
+    return datasets.DatasetDict({name: datasets.Dataset(frame.to_arrow(), fingerprint=frame_fingerprint(frame))
+                                 for name, frame in splits.items()})
 
 
 def critique_prompt_from_stages(stages: list[Any], template: Callable[[str], Any]) -> CritiquePrompt | None:

@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import orjson
 import polars as pl
 from pydantic import Field, model_validator
 
 from ..errors import DataError
 from ..formats import COLUMNS, MAPPERS, RowError
-from .base import StageConfig, StageOutput
+from .base import StageConfig, StageOutput, lists, strings, structs
 
 MESSAGES = pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8}))
 
@@ -45,8 +46,13 @@ class LoadConfig(StageConfig):
         return {"row_id", "source", *COLUMNS[self.format], *self.keep_columns}
 
 
+# One encoder for every row: json.dumps with options builds a new encoder per call. Same output as
+# json.dumps(row, sort_keys=True, ensure_ascii=False), so row ids do not change.
+_ROW_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False)
+
+
 def row_id(row: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(row, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+    return hashlib.sha256(_ROW_JSON.encode(row).encode()).hexdigest()[:16]
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -54,20 +60,30 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with opener(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8",
-                                file=str(path), row=number) from None
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", file=str(path), row=number) from None
+                value = orjson.loads(raw)  # fast; whatever it refuses gets the exact checks and messages below
+            except orjson.JSONDecodeError:
+                value = _parse_line(raw, path, number)
+                if value is None:
+                    continue
             if not isinstance(value, dict):
                 raise DataError(f"expected a JSON object per line, got {type(value).__name__}", file=str(path),
                                 row=number)
             yield number, value
+
+
+def _parse_line(raw: bytes, path: Path, number: int) -> Any:
+    """One JSON line with Python's json (NaN, huge integers, ...); None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8",
+                        file=str(path), row=number) from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", file=str(path), row=number) from None
 
 
 def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -114,10 +130,10 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
     else:
         rows, source_name = _read_hf(config), config.hf
     mapper = MAPPERS[config.format]
-    kept: list[dict[str, Any]] = []
+    kept = KeptRows(["row_id", *COLUMNS[config.format], "source"])
     dropped: list[dict[str, Any]] = []
     seen: set[str] = set()
-    extras: list[list[Any]] = []  # keep_columns values, row by row
+    extras: dict[str, list[Any]] = {name: [] for name in config.keep_columns}  # keep_columns values
     count = 0
     for number, raw in rows:
         if ctx.limit is not None and count >= ctx.limit:
@@ -131,9 +147,8 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
                 raise RowError("missing, but named in keep_columns", missing[0])
         except RowError as exc:
             if config.on_bad_row == "error":
-                raise DataError(f"{exc} (format {config.format}); fix the row, or set `on_bad_row: drop` on "
-                                "the load stage to skip bad rows (each is kept in dropped/ with its reason)",
-                                file=source_name, row=number, column=exc.column) from None
+                raise DataError(f"{exc} (format {config.format})", file=source_name, row=number,
+                                column=exc.column) from None
             dropped.append({"source_row": number, "drop_reason": f"bad_input: {exc.column}: {exc}",
                             "raw": json.dumps(raw, ensure_ascii=False, default=str)[:10_000]})
             continue
@@ -143,25 +158,61 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
                             "raw": json.dumps(raw, ensure_ascii=False, default=str)[:10_000]})
             continue
         seen.add(identity)
-        kept.append({"row_id": identity, **row, "source": "human"})
-        extras.append([raw[c] for c in config.keep_columns])
+        kept.add({"row_id": identity, **row, "source": "human"})
+        for name, values in extras.items():
+            values.append(raw[name])
     if count == 0:
         raise DataError("has no rows; point `path:` at a file with data", file=source_name)
-    schema = {"row_id": pl.Utf8, "prompt": MESSAGES, "chosen": pl.Utf8, "rejected": pl.Utf8, "source": pl.Utf8,
-              "response": pl.Utf8, "feedback": pl.Utf8, "thumbs": pl.Utf8}
-    columns = ["row_id", *COLUMNS[config.format], "source"]
-    frame = pl.DataFrame(kept, schema={c: schema[c] for c in columns}).with_columns(
-        pl.Series(name, [values[i] for values in extras]) for i, name in enumerate(config.keep_columns))
+    frame = kept.frame().with_columns(pl.Series(name, values) for name, values in extras.items())
     dropped_frame = pl.DataFrame(dropped, schema={"source_row": pl.Int64, "drop_reason": pl.Utf8, "raw": pl.Utf8})
     return StageOutput(frame, dropped_frame, metrics={"rows_read": count})
+
+
+class KeptRows:
+    """The kept rows: at most CHUNK_ROWS of them as Python values, the rest already turned into polars
+    frames, so that memory stays near the size of the data rather than of a Python object per value."""
+
+    CHUNK_ROWS = 50_000
+
+    def __init__(self, columns: list[str]):
+        self.columns = columns
+        self.frames: list[pl.DataFrame] = [self._empty()]
+        self._clear()
+
+    def _empty(self) -> pl.DataFrame:
+        return pl.DataFrame(schema={c: MESSAGES if c == "prompt" else pl.Utf8 for c in self.columns})
+
+    def _clear(self) -> None:
+        self.texts: dict[str, list[str | None]] = {c: [] for c in self.columns if c != "prompt"}
+        self.prompt_offsets, self.roles, self.contents = [0], [], []
+
+    def add(self, row: dict[str, Any]) -> None:
+        for column, values in self.texts.items():
+            values.append(row[column])
+        for message in row["prompt"]:  # every format has a prompt
+            self.roles.append(message["role"])
+            self.contents.append(message["content"])
+        self.prompt_offsets.append(len(self.roles))
+        if len(self.prompt_offsets) > self.CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        series = {column: pl.Series(column, values, dtype=pl.Utf8) for column, values in self.texts.items()}
+        messages = structs(role=strings(self.roles), content=strings(self.contents))
+        series["prompt"] = pl.Series("prompt", lists(self.prompt_offsets, messages)).cast(MESSAGES)
+        self.frames.append(pl.DataFrame([series[c] for c in self.columns]))
+        self._clear()
+
+    def frame(self) -> pl.DataFrame:
+        self._flush()
+        return pl.concat(self.frames)
 
 
 def _check_lengths(row: dict[str, Any], max_chars: int) -> None:
     for column, value in row.items():
         if value is None:
             continue
-        texts = [value] if isinstance(value, str) else [m["content"] for m in value]
-        size = sum(len(t) for t in texts)
+        size = len(value) if isinstance(value, str) else sum(len(m["content"]) for m in value)
         if size > max_chars:
             raise RowError(f"{size:,} characters, over max_chars ({max_chars:,}); raise `max_chars:` or drop "
                            f"such rows (on_bad_row: drop)", column)
