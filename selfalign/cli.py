@@ -16,7 +16,7 @@ def cmd_run(args) -> int:
     from .errors import disk_failure
     from .runner import run_dir_for, run_pipeline
 
-    loaded = load_pipeline(args.file, args.set or [])
+    loaded = load_pipeline(args.file, (args.set or []) + executor_overrides(args))
     run_dir = run_dir_for(loaded, args.output)
     created = first_missing(run_dir)
     try:
@@ -55,6 +55,16 @@ def has_cached_calls(run_dir: Path) -> bool:
             return db.execute("SELECT EXISTS (SELECT 1 FROM replies)").fetchone()[0] == 1
     except sqlite3.Error:  # no cache file, or no table yet: nothing was paid for
         return False
+
+
+def executor_overrides(args) -> list[str]:
+    """--executor/--address are shorthands for --set executor.kind=.../executor.address=... (same checks)."""
+    overrides = []
+    if args.executor:
+        overrides.append(f"executor.kind={args.executor}")
+    if args.address:
+        overrides.append(f"executor.address={json.dumps(args.address)}")  # quoted: YAML would read 1:2 as a number
+    return overrides
 
 
 def cmd_validate(args) -> int:
@@ -99,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="read only the first N input rows")
     run.add_argument("--output", help="run directory (default: outputs/<pipeline name>)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
+    run.add_argument("--executor", choices=["local", "ray"], help="where model calls run (default: the "
+                     "pipeline's executor.kind, else local); ray: Ray Data actor pools, pip install 'selfalign[ray]'")
+    run.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray; default: a private Ray "
+                     "started on this machine)")
     run.set_defaults(func=cmd_run)
 
     validate = with_file(sub.add_parser("validate", help="check a pipeline completely without calling a model"))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from .errors import ConfigError, ConfigErrors
 from .models import MODEL_CLASSES, ModelConfig, Strict
@@ -22,6 +22,26 @@ from .yaml_source import line_for, load_yaml_with_lines
 StageUnion = Annotated[Union[tuple(cls for cls, _ in STAGES.values())], Field(discriminator="kind")]
 
 
+class Executor(Strict):
+    """Where model calls run: `local` (this process) or `ray` (Ray Data actor pools, see ray_executor.py)."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(None, description="ray: cluster address (HOST:PORT of the head, or 'auto'); "
+                                                  "default: a private Ray instance started on this machine")
+    replicas: int = Field(1, ge=1, le=10_000, description="ray: model replicas (actors) per model stage")
+    batch_size: int = Field(64, ge=1, le=1_000_000, description="ray: requests per map_batches call")
+    num_cpus: float = Field(1, ge=0, le=1024, description="ray: CPUs reserved per replica")
+    num_gpus: float = Field(0, ge=0, le=64, description="ray: GPUs reserved per replica (1 per vLLM engine)")
+
+    @model_validator(mode="after")
+    def _ray_settings_need_ray(self) -> "Executor":
+        # Fail closed: a Ray setting under kind: local would be silently ignored otherwise.
+        ray_only = sorted(self.model_fields_set - {"kind"})
+        if self.kind == "local" and ray_only:
+            raise ValueError(f"{', '.join(ray_only)} only apply to kind: ray; set kind: ray or remove them")
+        return self
+
+
 class Pipeline(Strict):
     schema_version: int = Field(description="always 1 for now")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
@@ -29,6 +49,8 @@ class Pipeline(Strict):
     seed: int = 0
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     stages: list[StageUnion] = Field(min_length=1)
+    # Left out of dumps (config_sha256, stage fingerprints): where the calls run does not change the results.
+    executor: Executor = Field(default_factory=Executor, exclude=True)
 
 
 @dataclass
@@ -155,6 +177,8 @@ def _allowed_keys(yaml_path: list, data: dict) -> list[str]:
         stage = data["stages"][parent[1]]
         cls = STAGES.get(stage.get("kind"), (None,))[0] if isinstance(stage, dict) else None
         return list(cls.model_fields) if cls else []
+    if parent == ["executor"]:
+        return list(Executor.model_fields)
     if parent[0] == "models" and len(parent) == 2:
         model = data["models"][parent[1]]
         cls = MODEL_CLASSES.get(model.get("backend")) if isinstance(model, dict) else None

@@ -64,6 +64,10 @@ class RunContext:
         if name not in self._clients:
             config = effective_models(self.loaded.pipeline)[name]
             identity, factory = backend_for(config)
+            executor = self.loaded.pipeline.executor
+            if executor.kind == "ray":  # same identity (so the same cache keys); the calls run on Ray actors
+                from .ray_executor import ray_backend_factory
+                factory = ray_backend_factory(config, identity, executor)
             if name in self.backend_overrides:
                 override = self.backend_overrides[name]
                 identity, factory = override.identity, (lambda: override)
