@@ -38,7 +38,8 @@ class Executor(Strict):
         # Fail closed: a Ray setting under kind: local would be silently ignored otherwise.
         ray_only = sorted(self.model_fields_set - {"kind"})
         if self.kind == "local" and ray_only:
-            raise ValueError(f"{', '.join(ray_only)} only apply to kind: ray; set kind: ray or remove them")
+            verb = "applies" if len(ray_only) == 1 else "apply"
+            raise ValueError(f"{', '.join(ray_only)} only {verb} to kind: ray; set kind: ray or remove them")
         return self
 
 

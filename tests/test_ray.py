@@ -56,7 +56,8 @@ def test_executor_unknown_key_says_did_you_mean(write_pipeline):
     ("executor: {kind: ray, replicas: 0}", "executor.replicas: Input should be greater than or equal to 1"),
     ("executor: {kind: ray, batch_size: lots}", "executor.batch_size: Input should be a valid integer"),
     ("executor: {kind: ray, num_gpus: -1}", "executor.num_gpus: Input should be greater than or equal to 0"),
-    ("executor: {address: '127.0.0.1:6379'}", "executor: Value error, address only apply to kind: ray"),
+    ("executor: {address: '127.0.0.1:6379'}", "executor: Value error, address only applies to kind: ray"),
+    ("executor: {replicas: 2, num_cpus: 2}", "executor: Value error, num_cpus, replicas only apply to kind: ray"),
 ])
 def test_executor_bad_values_are_errors(write_pipeline, executor, expected):
     assert expected in config_error(write_pipeline, executor + "\n")
@@ -73,7 +74,7 @@ def test_executor_flags_and_defaults(write_pipeline):
     # Where the calls run is not part of the config hash: the same pipeline makes the same data anywhere.
     assert config_hash(on_ray) == config_hash(local)
     args = build_parser().parse_args(["run", str(path), "--address", "127.0.0.2:6379"])
-    with pytest.raises(ConfigErrors, match="address only apply to kind: ray"):
+    with pytest.raises(ConfigErrors, match="address only applies to kind: ray"):
         load_pipeline(path, executor_overrides(args))
 
 
