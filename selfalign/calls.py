@@ -9,6 +9,7 @@ never as a silent None.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -65,12 +66,28 @@ def extract_json(text: str) -> str:
 
 def json_parser(model: type[BaseModel]) -> Callable[[str], dict[str, Any]]:
     def parse(text: str) -> dict[str, Any]:
+        candidate = extract_json(text)
         try:
-            return model.model_validate_json(extract_json(text)).model_dump()
+            return model.model_validate_json(candidate).model_dump()
         except ValidationError as exc:
+            # Models often put raw newlines or tabs inside JSON strings, which strict JSON forbids; the
+            # meaning is unambiguous, so accept them rather than re-ask (the schema is still enforced).
+            lenient = _loads_allowing_control_characters(candidate)
+            if lenient is not None:
+                try:
+                    return model.model_validate(lenient).model_dump()
+                except ValidationError as retry_exc:
+                    exc = retry_exc
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'reply'}: {e['msg']}" for e in exc.errors())
             raise ValueError(problems) from None
     return parse
+
+
+def _loads_allowing_control_characters(text: str) -> Any:
+    try:
+        return json.loads(text, strict=False)
+    except ValueError:
+        return None
 
 
 class ModelClient:

@@ -86,6 +86,17 @@ def test_fenced_json_from_an_unconstrained_model_is_accepted(tmp_path):
     assert result.value == {"critique": "good", "score": 9}
 
 
+def test_raw_newlines_inside_json_strings_are_accepted_but_the_schema_still_holds(tmp_path):
+    # SmolLM2 writes multi-line critiques with literal newlines inside the JSON string (strict JSON refuses).
+    backend = FakeBackend(responder=lambda r: '{"critique": "first line\n\tsecond line", "score": 4}')
+    [result] = client_for(backend, Cache(tmp_path / "c.sqlite")).run([request()], json_parser(Reply), "t")
+    assert result.ok and result.value == {"critique": "first line\n\tsecond line", "score": 4}
+    backend = FakeBackend(responder=lambda r: '{"critique": "a\nb", "score": "very high"}')
+    [result] = client_for(backend, Cache(tmp_path / "d.sqlite")).run([request()], json_parser(Reply), "t",
+                                                                     max_attempts=2)
+    assert not result.ok and "score" in result.error
+
+
 def test_cache_key_covers_what_changes_a_reply_and_never_the_api_key():
     identity = {"backend": "openai", "base_url": "http://h/v1", "model": "m"}
     base = request_key(identity, request())
