@@ -115,3 +115,20 @@ def test_second_run_on_a_locked_directory_names_the_first_runs_pid(hh_pipeline, 
     with RunLock(run_dir):
         with pytest.raises(RunError, match=f"in use by another selfalign run \\(PID {os.getpid()}\\)"):
             run_pipeline(load_pipeline(hh_pipeline), output=run_dir, limit=5, quiet=True)
+
+
+@pytest.mark.parametrize("limit, where, expected", [
+    (3, "chosen_critiques_kept >= 0", None),  # 3 pairs: with test_size 0.1 the test split is usually empty
+    (20, "chosen_critiques_kept < 0", {"train": 0}),  # every row filtered out: an empty dataset, still loadable
+])
+def test_small_or_empty_results_load_with_load_from_disk(hh_pipeline, tmp_path, limit, where, expected):
+    loaded = load_pipeline(hh_pipeline, [f"stages.3.where={where}"])
+    manifest = run_pipeline(loaded, output=tmp_path / "run", limit=limit, quiet=True)
+    dataset = datasets.load_from_disk(str(tmp_path / "run" / "dataset"))
+    sizes = {split: dataset[split].num_rows for split in dataset}
+    assert sum(sizes.values()) == manifest["rows_out"]
+    if expected is not None:
+        assert sizes == expected
+    else:
+        assert 0 in sizes.values(), f"pick a limit whose split has an empty side: {sizes}"
+    assert "chosen" in dataset["train"].column_names

@@ -76,5 +76,8 @@ def run(df: pl.DataFrame, config: ExportConfig, ctx) -> StageOutput:
         written[name] = {split: frame.height for split, frame in formatted.items()}
         if index == 0:
             dataset = to_dataset_dict(formatted)
-            write_dir(ctx.run_dir / "dataset", lambda tmp: dataset.save_to_disk(str(tmp)))
+            # An empty split (a small run whose prompts all hashed into train) must still be written as one
+            # shard: `datasets` would write none for it, and load_from_disk then fails on the folder.
+            shards = {split: (1 if frame.height == 0 else None) for split, frame in formatted.items()}
+            write_dir(ctx.run_dir / "dataset", lambda tmp: dataset.save_to_disk(str(tmp), num_shards=shards))
     return StageOutput(df, metrics={"exported": written})
