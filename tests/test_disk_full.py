@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -45,21 +44,29 @@ def namespace_command() -> list[str]:
                 "these tests need unprivileged user namespaces or root")
 
 
-def run_script(script: str) -> list[dict]:
-    """Run a shell script in a private mount namespace; each `step NAME CMD...` line reports rc and stderr."""
-    prelude = f"""
-set -u
-step() {{ name=$1; shift; err=$("$@" 2>&1 >/dev/null); rc=$?
-  printf '%s\\n' "$(printf '%s' "$err" | {sys.executable} -c 'import json,sys; print(json.dumps({{"step": sys.argv[1], "rc": int(sys.argv[2]), "stderr": sys.stdin.read()}}))' "$name" "$rc")"; }}
-"""
-    done = subprocess.run([*namespace_command(), "sh", "-c", prelude + script], capture_output=True, text=True,
+# Runs inside the namespace: `mount` and `run` (a selfalign run; its exit code and stderr are recorded).
+DRIVER = """\
+import json, subprocess, sys
+
+RESULTS = {}
+
+def mount(*options, target):
+    subprocess.run(["mount", *options, target], check=True)
+
+def run(name, pipeline, output):
+    done = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", str(pipeline), "--output", str(output),
+                           "--limit", "%d", "--quiet"], capture_output=True, text=True)
+    RESULTS[name] = {"rc": done.returncode, "stderr": done.stderr}
+""" % ROWS
+
+
+def in_mount_namespace(body: str) -> dict:
+    """Run DRIVER + `body` (Python) in a private mount namespace; returns what `body` put in RESULTS."""
+    script = DRIVER + body + "\nprint(json.dumps(RESULTS, default=str))\n"
+    done = subprocess.run([*namespace_command(), sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def selfalign(pipeline: Path, output: str, *extra: str) -> str:
-    return f"{sys.executable} -m selfalign.cli run {pipeline} --output {output} --limit {ROWS} --quiet {' '.join(extra)}"
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def test_disk_full_midway_is_a_clear_error_and_the_rerun_pays_only_the_rest(hh_data, tmp_path):
@@ -69,25 +76,25 @@ def test_disk_full_midway_is_a_clear_error_and_the_rerun_pays_only_the_rest(hh_d
     mount.mkdir()
     run = mount / "run"
     # 900 KiB holds the load stage's parquet and part of the cache: the disk fills during the critique stage.
-    steps = run_script(f"""
-mount -t tmpfs -o size=900k tmpfs {mount}
-step full {selfalign(pipeline, run)}
-step cached {sys.executable} -c "import sqlite3; print(sqlite3.connect('{run}/cache.sqlite').execute('select count(*) from replies').fetchone()[0], file=__import__('sys').stderr)"
-step leftovers sh -c "ls -A {run}/stages {run}/dropped 2>/dev/null | grep -c '\\.tmp$' >&2"
-mount -o remount,size=100m {mount}
-step resumed {selfalign(pipeline, run)}
-step manifest sh -c "cat {run}/manifest.json >&2"
+    steps = in_mount_namespace(f"""
+import pathlib, sqlite3
+mount("-t", "tmpfs", "-o", "size=900k", "tmpfs", target="{mount}")
+run("full", "{pipeline}", "{run}")
+RESULTS["cached"] = sqlite3.connect("{run}/cache.sqlite").execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+RESULTS["leftovers"] = [str(p) for p in pathlib.Path("{run}").rglob("*.tmp")]
+mount("-o", "remount,size=100m", "tmpfs", target="{mount}")
+run("resumed", "{pipeline}", "{run}")
+RESULTS["manifest"] = json.loads(pathlib.Path("{run}/manifest.json").read_text())
 """)
-    by_step = {s["step"]: s for s in steps}
-    full = by_step["full"]
+    full = steps["full"]
     assert full["rc"] == 2, full
     assert f"cannot write {run}" in full["stderr"] and "the disk is full" in full["stderr"], full["stderr"]
     assert "Traceback" not in full["stderr"]
-    cached = int(by_step["cached"]["stderr"].strip())
+    cached = steps["cached"]
     assert 0 < cached < CALLS, "the disk should fill midway through the critique stage"
-    assert by_step["leftovers"]["stderr"].strip() == "0", "a failed write left a temp file behind"
-    assert by_step["resumed"]["rc"] == 0, by_step["resumed"]
-    manifest = json.loads(by_step["manifest"]["stderr"])
+    assert steps["leftovers"] == [], "a failed write left a temp file behind"
+    assert steps["resumed"]["rc"] == 0, steps["resumed"]
+    manifest = steps["manifest"]
     assert manifest["model_calls"]["sent"] == CALLS - cached  # finished calls are not paid for twice
     assert manifest["status"] == "complete"
 
@@ -97,18 +104,18 @@ def test_read_only_output_directory_is_a_clear_error_and_writes_nothing(hh_data,
     pipeline.write_text(PIPELINE.format(data=hh_data))
     mount = tmp_path / "mnt"
     mount.mkdir()
-    steps = run_script(f"""
-mount -t tmpfs -o size=10m tmpfs {mount}
-mkdir {mount}/existing
-mount -o remount,ro {mount}
-step new_dir {selfalign(pipeline, mount / 'new')}
-step existing_dir {selfalign(pipeline, mount / 'existing')}
-step listing sh -c "find {mount} >&2"
+    steps = in_mount_namespace(f"""
+import pathlib
+mount("-t", "tmpfs", "-o", "size=10m", "tmpfs", target="{mount}")
+pathlib.Path("{mount}/existing").mkdir()
+mount("-o", "remount,ro", "tmpfs", target="{mount}")
+run("new_dir", "{pipeline}", "{mount / 'new'}")
+run("existing_dir", "{pipeline}", "{mount / 'existing'}")
+RESULTS["listing"] = sorted(str(p) for p in pathlib.Path("{mount}").rglob("*"))
 """)
-    by_step = {s["step"]: s for s in steps}
     for name, where in (("new_dir", mount / "new"), ("existing_dir", mount / "existing")):
-        step = by_step[name]
+        step = steps[name]
         assert step["rc"] == 2, step
         assert f"cannot write the run directory {where}: the file system is read-only" in step["stderr"], step
         assert "Traceback" not in step["stderr"]
-    assert sorted(by_step["listing"]["stderr"].split()) == sorted([str(mount), str(mount / "existing")])
+    assert steps["listing"] == [str(mount / "existing")]
