@@ -68,6 +68,15 @@ def request_keys(backend_identity: dict[str, Any], requests: list[Request]) -> l
                            f'{once(r.json_schema)}}}'.encode()).hexdigest() for r in requests]
 
 
+def holds_replies(path: Path) -> bool:
+    """Whether the cache file at `path` holds any reply; read-only, so it never creates the file."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return db.execute("SELECT EXISTS (SELECT 1 FROM replies)").fetchone()[0] == 1
+    except sqlite3.Error:  # no file, or no table yet: nothing was paid for
+        return False
+
+
 class Cache:
     FLUSH_EVERY_S = 0.25
     FLUSH_EVERY_ROWS = 256

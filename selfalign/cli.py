@@ -12,6 +12,7 @@ from .errors import SelfalignError
 
 
 def cmd_run(args) -> int:
+    from .cache import holds_replies
     from .config import load_pipeline
     from .errors import disk_failure
     from .runner import run_dir_for, run_pipeline
@@ -22,7 +23,7 @@ def cmd_run(args) -> int:
     try:
         manifest = run_pipeline(loaded, output=args.output, limit=args.limit, quiet=args.quiet)
     except Exception as exc:
-        if created is not None and not has_cached_calls(run_dir):
+        if created is not None and not holds_replies(run_dir / "cache.sqlite"):
             # Bad input (a data error, a missing key) found before any model call: leave the disk as it was.
             shutil.rmtree(created, ignore_errors=True)
         failure = disk_failure(exc, str(run_dir))
@@ -45,16 +46,6 @@ def first_missing(path: Path) -> Path | None:
             break
         missing = candidate
     return missing
-
-
-def has_cached_calls(run_dir: Path) -> bool:
-    import sqlite3
-
-    try:
-        with sqlite3.connect(f"file:{run_dir / 'cache.sqlite'}?mode=ro", uri=True) as db:
-            return db.execute("SELECT EXISTS (SELECT 1 FROM replies)").fetchone()[0] == 1
-    except sqlite3.Error:  # no cache file, or no table yet: nothing was paid for
-        return False
 
 
 def executor_overrides(args) -> list[str]:
