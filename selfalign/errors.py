@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class SelfalignError(Exception):
     """Base for errors that the CLI prints without a traceback and exits with status 2."""
@@ -53,26 +56,25 @@ class RunError(SelfalignError):
     """A run cannot start or continue (locked output dir, unwritable disk, missing model file)."""
 
 
-# Disk failures arrive as OSError (our writes), polars' ComputeError ("... (os error 28)") or sqlite3's
-# OperationalError ("database or disk is full"); each is matched by errno or by the OS's message.
-_DISK_FAILURES = (
-    (28, "No space left on device", "the disk is full"),
-    (122, "Disk quota exceeded", "the disk quota is exceeded"),
-    (30, "Read-only file system", "the file system is read-only"),
-    (27, "File too large", "the file size limit is reached"),
-    (None, "database or disk is full", "the disk is full"),
-    (None, "attempt to write a readonly database", "the file system is read-only"),
-)
+# What a write that failed because of the disk means, by errno.
+DISK_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EFBIG: "the file size limit is reached"}
+# The same failures arrive without an errno from polars (a ComputeError quoting the OS message) and sqlite3
+# (an OperationalError in its own words), so they are also matched by message.
+_DISK_MESSAGES = {**{os.strerror(number): reason for number, reason in DISK_REASONS.items()},
+                  "database or disk is full": DISK_REASONS[errno.ENOSPC],
+                  "attempt to write a readonly database": DISK_REASONS[errno.EROFS]}
 
 
 def disk_failure(exc: BaseException, run_dir: str) -> RunError | None:
     """A clear RunError for a write that failed because of the disk, or None for any other error."""
-    errno_ = getattr(exc, "errno", None)
-    text = str(exc)
-    for number, message, reason in _DISK_FAILURES:
-        if (number is not None and errno_ == number) or message in text:
-            where = getattr(exc, "filename", None) or run_dir
-            return RunError(f"cannot write {where}: {reason}. Free space (or fix the mount) and run the same "
-                            "command again: every finished model call is in the run's cache and is not paid "
-                            "for twice; or pass --output DIR to write elsewhere")
-    return None
+    reason = DISK_REASONS.get(getattr(exc, "errno", None))
+    if reason is None:
+        text = str(exc)
+        reason = next((reason for message, reason in _DISK_MESSAGES.items() if message in text), None)
+    if reason is None:
+        return None
+    where = getattr(exc, "filename", None) or run_dir
+    return RunError(f"cannot write {where}: {reason}. Free space (or fix the mount) and run the same command "
+                    "again: every finished model call is in the run's cache and is not paid for twice; or pass "
+                    "--output DIR to write elsewhere")

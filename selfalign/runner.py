@@ -29,7 +29,7 @@ from .cache import Cache, canonical_json
 from .calls import CallStats, ModelClient
 from .check import check_pipeline, effective_models, resolve_path
 from .config import LoadedPipeline
-from .errors import ConfigErrors, RunError
+from .errors import DISK_REASONS, ConfigErrors, RunError
 from .metrics import agreement_with_human, dataset_summary
 from .progress import Progress
 from .prompts import PromptTemplate, load_template
@@ -123,8 +123,7 @@ def prepare_run_dir(run_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
-        reason = {errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                  errno.ENOSPC: "the disk is full"}.get(exc.errno, exc.strerror)
+        reason = {**DISK_REASONS, errno.EACCES: "permission denied"}.get(exc.errno, exc.strerror)
         raise RunError(f"cannot write the run directory {run_dir}: {reason}; free space, fix permissions or "
                        "pass --output DIR") from None
 
