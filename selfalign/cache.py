@@ -1,7 +1,12 @@
 """The request cache: every model reply ever received, keyed by a hash of what was asked.
 
-A run never pays twice for the same call: a re-run finds each reply here. Writes are committed one
-reply at a time (WAL mode, so a commit is cheap), so a killed run loses only the calls in flight.
+A run never pays twice for the same call: a re-run finds each reply here. Each reply is committed the
+moment it arrives, before the next one is handled (WAL mode with synchronous=NORMAL, so a commit is a
+write to the WAL without fsync: tens of microseconds), so a kill -9 loses only the calls in flight.
+
+The same file keeps one row per attempt at the run (`attempts`): when it started and ended, how many calls
+it sent, and how it ended. An attempt killed before it could record its end is marked `killed` by the next
+one, so the manifest can show the calls paid over the run's whole life, not only the last attempt's.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +28,18 @@ CREATE TABLE IF NOT EXISTS replies (
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
     created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY,
+    started REAL NOT NULL,
+    ended REAL,
+    sent INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL
 )
 """
+# How an attempt ended: `running` until it records its end; one still `running` when the next attempt takes
+# the run's lock was killed (the lock is held for the whole of a run, so its process is gone).
+RUNNING, KILLED = "running", "killed"
 
 
 # One encoder, built once (json.dumps with options builds one per call); the output is json.dumps's.
@@ -78,21 +94,18 @@ def holds_replies(path: Path) -> bool:
 
 
 class Cache:
-    FLUSH_EVERY_S = 0.25
-    FLUSH_EVERY_ROWS = 256
-
     def __init__(self, path: Path):
         self.path = path
-        self._pending: list[tuple] = []
-        self._last_flush = time.monotonic()
+        self.attempt: int | None = None  # the attempts row this process counts its sent calls in
+        # Replies may arrive on a backend's worker thread; one lock keeps each write one whole transaction.
+        self._lock = threading.Lock()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed reply survives a process kill (not a power loss), at no fsync cost.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(SCHEMA)
+        self._db.executescript(SCHEMA)
 
     def get_many(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
-        self.flush()
         found: dict[str, tuple[str, int, int]] = {}
         unique = list(dict.fromkeys(keys))
         for start in range(0, len(unique), 500):
@@ -105,28 +118,55 @@ class Cache:
         return found
 
     def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self._pending.append((key, text, prompt_tokens, completion_tokens, time.time()))
-        if len(self._pending) >= self.FLUSH_EVERY_ROWS or time.monotonic() - self._last_flush > self.FLUSH_EVERY_S:
-            self.flush()
+        """Store one reply and count it as sent by this attempt, committed before this returns."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
+                             (key, text, prompt_tokens, completion_tokens, time.time()))
+            self._count_sent(1)
 
-    def flush(self) -> None:
-        if self._pending:
-            with self._db:  # one transaction
-                self._db.execute("BEGIN")
-                self._db.executemany("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)", self._pending)
-            self._pending = []
-        self._last_flush = time.monotonic()
+    def count_sent(self, calls: int = 1) -> None:
+        """Count calls that were sent but brought no reply to keep (failures are paid for too, or may be)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._count_sent(calls)
+
+    def _count_sent(self, calls: int) -> None:
+        if self.attempt is not None:
+            self._db.execute("UPDATE attempts SET sent = sent + ? WHERE id = ?", (calls, self.attempt))
 
     def delete(self, keys: list[str]) -> None:
-        self.flush()
-        with self._db:
+        with self._lock, self._db:
             self._db.execute("BEGIN")
             self._db.executemany("DELETE FROM replies WHERE key = ?", [(key,) for key in keys])
 
+    # ------------------------------------------------------------------ attempts at the run
+
+    def begin_attempt(self) -> int:
+        """Record a new attempt (the caller holds the run's lock); earlier ones still `running` were killed."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE attempts SET status = ? WHERE status = ?", (KILLED, RUNNING))
+            self.attempt = self._db.execute("INSERT INTO attempts (started, status) VALUES (?, ?)",
+                                            (time.time(), RUNNING)).lastrowid
+        return self.attempt
+
+    def end_attempt(self, status: str) -> None:
+        if self.attempt is None:
+            return
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE attempts SET ended = ?, status = ? WHERE id = ?",
+                             (time.time(), status, self.attempt))
+
+    def attempts(self) -> list[dict[str, Any]]:
+        """Every attempt at this run, oldest first: id, started, ended (None if killed), sent, status."""
+        rows = self._db.execute("SELECT id, started, ended, sent, status FROM attempts ORDER BY id")
+        return [{"id": id_, "started": started, "ended": ended, "sent": sent, "status": status}
+                for id_, started, ended, sent, status in rows]
+
     def __len__(self) -> int:
-        self.flush()
         return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
     def close(self) -> None:
-        self.flush()
         self._db.close()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from .backends.base import Backend, Completion, Request
 from .cache import Cache, request_keys
-from .errors import RunError
+from .errors import RunError, RunStopped
 from .progress import Progress
 
 REASK = ("Your reply could not be used: {error}\n"
@@ -43,6 +43,7 @@ class CallResult:
 
 @dataclass
 class CallStats:
+    calls: int = 0  # calls the stages asked for; a call's re-asks count once here, each in `requested`
     requested: int = 0
     cached: int = 0
     sent: int = 0
@@ -108,7 +109,10 @@ class ModelClient:
     def backend(self) -> Backend:
         # Started only when a call misses the cache: a fully cached re-run never loads a model.
         if self._backend is None:
-            self._backend = self._make_backend()
+            try:
+                self._backend = self._make_backend()
+            except RunError as exc:  # e.g. the endpoint's preflight failed: say which model it is
+                raise RunError(f"model {self.name!r}: {exc}") from None
         return self._backend
 
     def close(self) -> None:
@@ -119,6 +123,7 @@ class ModelClient:
     def run(self, requests: list[Request], parse: Callable[[str], Any] | None, label: str,
             max_attempts: int = 3) -> list[CallResult]:
         """Answer every request; `parse` validates a reply (raise ValueError to re-ask)."""
+        self.stats.calls += len(requests)
         results: list[CallResult | None] = [None] * len(requests)
         current = list(requests)
         attempts = [0] * len(requests)
@@ -179,8 +184,12 @@ class ModelClient:
             def on_result(j: int, completion: Completion) -> None:
                 i = misses[j]
                 replies[i] = completion
-                if completion.ok and self._cache is not None:
-                    self._cache.put(keys[i], completion.text, completion.prompt_tokens, completion.completion_tokens)
+                if self._cache is not None:  # committed now: a kill -9 after this line loses nothing
+                    if completion.ok:
+                        self._cache.put(keys[i], completion.text, completion.prompt_tokens,
+                                        completion.completion_tokens)
+                    else:
+                        self._cache.count_sent()
                 self.stats.prompt_tokens += completion.prompt_tokens
                 self.stats.completion_tokens += completion.completion_tokens
                 bar.advance(completion)
@@ -188,12 +197,11 @@ class ModelClient:
             self.stats.sent += len(misses)
             try:
                 answered = self.backend.generate([requests[i] for i in misses], on_result=on_result)
-                for j, completion in enumerate(answered):
-                    if replies[misses[j]] is None:  # a backend that did not report through on_result
-                        on_result(j, completion)
-            finally:
-                if self._cache is not None:
-                    self._cache.flush()
+            except RunStopped as exc:  # the endpoint refuses every call; what was answered is cached
+                raise RunStopped(f"model {self.name!r}: {exc}") from None
+            for j, completion in enumerate(answered):
+                if replies[misses[j]] is None:  # a backend that did not report through on_result
+                    on_result(j, completion)
         bar.close()
         self.stats.seconds += time.perf_counter() - started
         return [r if r is not None else Completion(None, error="no reply") for r in replies], keys

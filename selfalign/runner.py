@@ -29,7 +29,7 @@ from .cache import Cache, canonical_json
 from .calls import CallStats, ModelClient
 from .check import check_pipeline, effective_models, resolve_path
 from .config import LoadedPipeline
-from .errors import DISK_REASONS, ConfigErrors, RunError
+from .errors import DISK_REASONS, ConfigErrors, RunError, RunStopped
 from .metrics import agreement_with_human, dataset_summary
 from .progress import Progress
 from .prompts import PromptTemplate, load_template
@@ -149,7 +149,7 @@ def package_versions() -> dict[str, str]:
 
 
 def _call_totals(ctx: RunContext) -> dict[str, int]:
-    keys = ("requested", "cached", "sent", "failed", "prompt_tokens", "completion_tokens")
+    keys = ("calls", "requested", "cached", "sent", "failed", "prompt_tokens", "completion_tokens")
     return {key: sum(getattr(stats, key) for stats in ctx.stats.values()) for key in keys}
 
 
@@ -203,8 +203,69 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
             "agreement_with_human": agreement_with_human(output.kept), "metrics": output.metrics,
             "model_calls": {k: calls[k] for k in ("requested", "cached", "sent", "failed")},
             "tokens": {"prompt": calls["prompt_tokens"], "completion": calls["completion_tokens"]}})
+        check_failure_budget(ctx, index, stage, calls)
         df = output.kept
     return df, funnel
+
+
+def check_failure_budget(ctx: RunContext, index: int, stage, calls: dict[str, int]) -> None:
+    """Stop the run (exit 4) when a model stage's failed calls pass its share; its files are already written."""
+    budget = getattr(stage, "max_failed_fraction", None)
+    if budget is None:
+        budget = ctx.loaded.pipeline.max_failed_fraction
+    failed, asked = calls["failed"], calls["calls"]
+    if not failed or failed <= budget * asked:
+        return
+    dropped = ctx.run_dir / "dropped" / f"{index:02d}-{stage.kind}.parquet"
+    raise RunStopped(
+        f"stage {index} ({stage.kind}): {failed} of {asked} model calls failed ({failed / asked:.0%}), more than "
+        f"max_failed_fraction {budget:g} allows, so the run stopped. The failed rows are in {dropped} (columns "
+        "status, error, attempts, raw_output say what went wrong). Fix the cause and run the same command again: "
+        "only the failed calls are sent. To accept more failures, raise max_failed_fraction (for the pipeline, or "
+        "on this stage)")
+
+
+def build_manifest(ctx: RunContext, started: float, df: pl.DataFrame, funnel: list, status: str,
+                   limit: int | None, error: str | None = None, attempts: list[dict] | None = None) -> dict[str, Any]:
+    """What a run made and what it cost. `attempts`: every attempt at this run directory (cache.py), so
+    `calls_sent_all_attempts` counts what was paid over the run's whole life, killed attempts included."""
+    loaded = ctx.loaded
+    totals = CallStats()
+    for stats in ctx.stats.values():
+        for key, value in stats.as_dict().items():
+            setattr(totals, key, getattr(totals, key) + value)
+    if attempts is None:
+        attempts = ctx.cache.attempts() if ctx.cache is not None else []
+    manifest = {
+        "name": loaded.pipeline.name,
+        "pipeline_file": str(loaded.path),
+        "config_sha256": config_hash(loaded),
+        "selfalign_version": __version__,
+        "packages": package_versions(),
+        "limit": limit,
+        "overrides": list(loaded.overrides),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 3),
+        "rows": funnel,
+        "rows_out": df.height,
+        "dataset": dataset_summary(df),
+        "model_calls": {k: getattr(totals, k) for k in ("requested", "cached", "sent", "failed")},
+        "tokens": {"prompt": totals.prompt_tokens, "completion": totals.completion_tokens},
+        "models": {name: {"identity": ctx.client(name).identity, "calls": stats.as_dict()}
+                   for name, stats in ctx.stats.items()},
+        "templates": {value: template.sha256 for value, template in ctx._templates.items()},
+        "attempts": [{**attempt, "started": _local_time(attempt["started"]), "ended": _local_time(attempt["ended"])}
+                     for attempt in attempts],
+        "calls_sent_all_attempts": sum(attempt["sent"] for attempt in attempts),
+        "status": status,
+    }
+    if error is not None:
+        manifest["error"] = error
+    return manifest
+
+
+def _local_time(seconds: float | None) -> str | None:
+    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds))
 
 
 def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit: int | None = None,
@@ -220,36 +281,28 @@ def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit
         # The YAML this run used, verbatim (its --set overrides go in the manifest), for the card and reruns.
         write_text(loaded.path.read_text(encoding="utf-8"), run_dir / "pipeline.yaml")
         cache = Cache(run_dir / "cache.sqlite")
+        cache.begin_attempt()
         ctx = RunContext(loaded, run_dir, cache, Progress(quiet), limit=limit,
                          backend_overrides=backend_overrides or {})
+        status = "error"  # what the attempt records if the stages raise anything but the two below
         try:
             df, funnel = run_stages(ctx)
+            status = "complete"
+        except RunStopped as stop:
+            status = "stopped"
+            cache.end_attempt(status)  # before the manifest, which lists the attempts
+            # Replaces any manifest of an earlier attempt, so a stopped run never reads as a finished one.
+            write_json(build_manifest(ctx, started, pl.DataFrame(), ctx.funnel, status, limit, error=str(stop)),
+                       run_dir / "manifest.json")
+            raise
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
         finally:
             ctx.close()
+            cache.end_attempt(status)
+            attempts = cache.attempts()
             cache.close()
-        totals = CallStats()
-        for stats in ctx.stats.values():
-            for key, value in stats.as_dict().items():
-                setattr(totals, key, getattr(totals, key) + value)
-        manifest = {
-            "name": loaded.pipeline.name,
-            "pipeline_file": str(loaded.path),
-            "config_sha256": config_hash(loaded),
-            "selfalign_version": __version__,
-            "packages": package_versions(),
-            "limit": limit,
-            "overrides": list(loaded.overrides),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-            "seconds": round(time.time() - started, 3),
-            "rows": funnel,
-            "rows_out": df.height,
-            "dataset": dataset_summary(df),
-            "model_calls": {k: getattr(totals, k) for k in ("requested", "cached", "sent", "failed")},
-            "tokens": {"prompt": totals.prompt_tokens, "completion": totals.completion_tokens},
-            "models": {name: {"identity": ctx.client(name).identity, "calls": stats.as_dict()}
-                       for name, stats in ctx.stats.items()},
-            "templates": {value: template.sha256 for value, template in ctx._templates.items()},
-            "status": "complete",
-        }
+        manifest = build_manifest(ctx, started, df, funnel, status, limit, attempts=attempts)
         write_json(manifest, run_dir / "manifest.json")
     return manifest

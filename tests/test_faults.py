@@ -49,7 +49,7 @@ RAW_BODY_FAULT = re.compile(r"BadReply|InternalServerError|RateLimitError|APISta
 
 @pytest.fixture(scope="module")
 def upstream():
-    with FakeOpenAIServer() as server:
+    with FakeOpenAIServer(model="m") as server:  # the name the pipelines ask for, as the preflight checks
         yield server
 
 
@@ -87,6 +87,7 @@ def write_pipeline(tmp_path: Path, base_url: str, rows: int, timeout_s: float = 
     path.write_text(f"""\
 schema_version: 1
 name: faults
+max_failed_fraction: 1  # faults are injected at rates far over the default budget: this suite checks accounting
 models:
   critic:
     backend: openai

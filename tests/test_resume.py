@@ -77,3 +77,55 @@ def test_kill_9_then_resume_equals_undisturbed_run(write_pipeline, hh_data, tmp_
     got = pl.read_parquet(run_dir / "stages" / "03-export.parquet").sort("row_id")
     assert got.equals(expected)
     assert not list(run_dir.rglob("*.tmp"))  # no half-written file survived as if complete
+
+
+SERIES_PIPELINE = """\
+schema_version: 1
+name: resume-series
+models:
+  critic: {{backend: openai, base_url: '{url}', model: m, max_concurrency: {concurrency}}}
+stages:
+  - kind: load
+    path: {data}
+    format: hh-rlhf
+    on_bad_row: drop
+  - kind: critique
+    model: critic
+    samples: 2
+"""
+
+
+def test_kill_9_series_resends_only_calls_in_flight(write_pipeline, hh_data, tmp_path):
+    """Five kill -9s of one run against a real HTTP server that counts what it answered: a call is asked twice
+    only if it was in flight at a kill (at most max_concurrency per kill), and the attempts table accounts for
+    every attempt, killed ones included."""
+    from tests.support.fake_openai_server import FakeOpenAIServer
+
+    concurrency, kills = 8, 5
+    run_dir = tmp_path / "run"
+    with FakeOpenAIServer(model="m", delay_s=0.01) as server:
+        pipeline = write_pipeline(SERIES_PIPELINE.format(url=server.url, concurrency=concurrency, data=hh_data))
+        total_calls = 250 * 2 * 2
+        for kill in range(kills):
+            process = start(pipeline, run_dir)
+            kill_after = total_calls * (kill + 1) // (kills + 2)
+            deadline = time.monotonic() + 60
+            while cached_replies(run_dir) < kill_after and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.01)
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        resumed = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", str(pipeline), "--output",
+                                  str(run_dir), "--limit", "250", "--quiet"], capture_output=True)
+        assert resumed.returncode == 0, resumed.stderr.decode()
+        asked_twice = sum(count - 1 for count in server.bodies.values())
+        answered = server.requests
+    assert cached_replies(run_dir) == total_calls == len(server.bodies)
+    assert asked_twice <= kills * concurrency, f"{asked_twice} calls were paid twice over {kills} kills"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [a["status"] for a in manifest["attempts"]] == ["killed"] * kills + ["complete"]
+    assert all(a["ended"] is None for a in manifest["attempts"][:kills])
+    # Calls sent over the run's life: every reply that arrived is counted; the server also saw those in flight.
+    sent = manifest["calls_sent_all_attempts"]
+    assert sent == total_calls
+    assert answered - kills * concurrency <= sent <= answered

@@ -20,10 +20,12 @@ def backend_for(config) -> tuple[dict[str, Any], Callable[[], Backend]]:
         def start_openai() -> Backend:
             # Imported here: a fully cached re-run never pays for loading the openai SDK.
             from .openai_backend import OpenAIBackend
-            return OpenAIBackend(config.base_url, config.model, api_key_env=config.api_key_env,
-                                 max_concurrency=config.max_concurrency, timeout_s=config.timeout_s,
-                                 max_retries=config.max_retries, structured_output=config.structured_output,
-                                 backoff_max_s=config.backoff_max_s)
+            backend = OpenAIBackend(config.base_url, config.model, api_key_env=config.api_key_env,
+                                    max_concurrency=config.max_concurrency, timeout_s=config.timeout_s,
+                                    max_retries=config.max_retries, structured_output=config.structured_output,
+                                    backoff_max_s=config.backoff_max_s)
+            backend.preflight()  # a wrong URL, key or model fails here in seconds, before the first call
+            return backend
         return identity, start_openai
     if isinstance(config, VLLMModel):
         identity = {"backend": "vllm", "model": config.model, "dtype": config.dtype}

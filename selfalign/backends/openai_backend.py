@@ -15,6 +15,7 @@ outside tenacity; only a retryable failure enters the `AsyncRetrying` loop.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import email.utils
 import inspect
 import os
@@ -25,7 +26,7 @@ import openai
 import orjson
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
-from ..errors import RunError
+from ..errors import RunError, RunStopped
 from .base import Completion, OnResult, Request
 
 try:  # the HTTP library the installed openai is built on: httpx2 (openai >= 3) or httpx
@@ -34,6 +35,13 @@ except ImportError:  # pragma: no cover - older openai releases
     import httpx as _http  # type: ignore[no-redef]
 
 RETRYABLE_STATUS = {408, 409, 425, 429}
+# Statuses about the endpoint, never about one row (a bad key, a key without access, no such model or path): the
+# first one stops the stage. Any other failure stops it when STOP_AFTER_FAILURES_IN_A_ROW calls in a row failed
+# after their retries with no success between (a schema the server rejects, a dead server): past that point
+# every further call would fail too, and each would be paid for in money or in retry time.
+ENDPOINT_STATUS = {401, 403, 404}
+STOP_AFTER_FAILURES_IN_A_ROW = 5
+PREFLIGHT_TIMEOUT_S = 10.0
 MAX_RETRY_AFTER_S = 120.0
 BACKOFF_MULTIPLIER_S = 0.5
 CHAT_PATH = "/chat/completions"
@@ -179,6 +187,7 @@ class OpenAIBackend:
         else:
             api_key = "not-needed"  # local servers ignore the key; the client insists on one
         self._api_key = api_key
+        self.api_key_env = api_key_env
         self.base_url, self.model = base_url, model
         self.max_concurrency, self.timeout_s = max_concurrency, timeout_s
         self.max_retries, self.structured_output = max_retries, structured_output
@@ -205,6 +214,61 @@ class OpenAIBackend:
 
     def encode(self, request: Request) -> bytes:
         return orjson.dumps(self.request_body(request))
+
+    # ------------------------------------------------------------------ preflight
+
+    def preflight(self) -> None:
+        """One cheap request before the first call, so a wrong URL, key or model fails in seconds, not after
+        every call has been sent and retried: GET /models (free), and a 1-token chat completion only when that
+        list does not name the model (some servers serve no list, or accept any name)."""
+        timeout = min(self.timeout_s, PREFLIGHT_TIMEOUT_S)
+        headers = {"Authorization": f"Bearer {self._api_key}"}
+        for attempt in range(3):  # a refused connection is retried briefly: a server may be starting
+            try:
+                with _http.Client(timeout=timeout, headers=headers) as client:
+                    listed = self._listed_models(client)
+                    if listed is None or self.model not in listed:
+                        self._probe_chat(client, listed)
+                return
+            except _http.TimeoutException:
+                raise RunError(f"{self.base_url} did not answer within {timeout:g} s: is the server hung or "
+                               "overloaded? Check it, or fix the model's base_url") from None
+            except _http.TransportError as exc:
+                if attempt < 2 and connection_refused(exc):
+                    time.sleep(0.5)
+                    continue
+                raise RunError(f"cannot reach {self.base_url}: {describe(exc)}. Start the server, or fix the "
+                               "model's base_url") from None
+
+    def _listed_models(self, client) -> list[str] | None:
+        response = client.get(self.base_url.rstrip("/") + "/models")
+        self._refuse_on_status(response, "GET /models")
+        if response.status_code != 200:
+            return None  # not served here: the chat probe decides
+        try:
+            return [str(m.get("id")) for m in orjson.loads(response.content).get("data") or [] if isinstance(m, dict)]
+        except (orjson.JSONDecodeError, AttributeError):
+            return None
+
+    def _probe_chat(self, client, listed: list[str] | None) -> None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Reply with OK."}],
+                "max_tokens": 1, "temperature": 0}
+        response = client.post(self.base_url.rstrip("/") + CHAT_PATH, content=orjson.dumps(body),
+                               headers={"Content-Type": "application/json"})
+        if response.status_code == 404:
+            served = (f"; it serves {', '.join(map(repr, listed[:10]))}" +
+                      _did_you_mean(self.model, listed)) if listed else ""
+            raise RunError(f"{self.base_url}: model {self.model!r} is not served there (HTTP 404 on POST "
+                           f"{CHAT_PATH}: {_server_message(response)}){served}. Fix the model's model name or "
+                           "base_url (it usually ends in /v1)")
+        # 401/403 stop here; 400, 429 and 5xx do not: they may be about this probe or passing, and the run's own
+        # retries and its stop after repeated failures handle them with the real requests.
+        self._refuse_on_status(response, f"POST {CHAT_PATH}")
+
+    def _refuse_on_status(self, response, what: str) -> None:
+        if response.status_code in (401, 403):
+            raise RunError(f"{self.base_url}: HTTP {response.status_code} on {what} ({_server_message(response)}). "
+                           f"{self._fix(response.status_code, '')}")
 
     # ------------------------------------------------------------------ transport
 
@@ -248,20 +312,58 @@ class OpenAIBackend:
             return []
         send, close = await self._open()
         indices = iter(range(len(requests)))  # shared by the workers: each takes the next index
+        failures_in_a_row = 0
+        stopped: list[Completion] = []  # the failure that showed the endpoint refuses every call
 
         async def worker() -> None:
+            nonlocal failures_in_a_row
             one = self._one
             for index in indices:
+                if stopped:
+                    return  # the calls not yet sent stay unsent: the stage stops below
                 completion = await one(send, requests[index])
                 results[index] = completion
                 if on_result is not None:
                     on_result(index, completion)
+                if completion.ok:
+                    failures_in_a_row = 0
+                    continue
+                failures_in_a_row += 1
+                if completion.extra.get("status") in ENDPOINT_STATUS or \
+                        failures_in_a_row >= STOP_AFTER_FAILURES_IN_A_ROW:
+                    stopped.append(completion)
 
         try:
             await asyncio.gather(*(worker() for _ in range(min(self.max_concurrency, len(requests)))))
         finally:
             await close()
+        if stopped:
+            answered = sum(1 for r in results if r is not None and r.ok)
+            unsent = sum(1 for r in results if r is None)
+            failure = stopped[0]
+            fix = self._fix(failure.extra.get("status"), f"{failure.text or ''} {failure.error or ''}")
+            raise RunStopped(f"{self.base_url} fails every call: {failure.error}. {fix}. "
+                             f"Stopped the stage with {unsent} of {len(requests)} calls not sent; {answered} "
+                             "answered calls are cached. Fix the cause and run the same command again")
         return [r if r is not None else Completion(None, error="no reply") for r in results]
+
+    def _fix(self, status: int | None, reply: str) -> str:
+        """What to do about a failure that stops the stage or fails the preflight (`reply`: what the server said)."""
+        if status == 401:
+            return (f"The server refused the API key: set {self.api_key_env} to a valid key" if self.api_key_env else
+                    "The server wants an API key: export it in an environment variable and name that variable "
+                    "with api_key_env in the model's config")
+        if status == 403:
+            return "The key is not allowed to use this model or endpoint: check its permissions, or use another key"
+        if status == 404:
+            return (f"Check the model's base_url (it usually ends in /v1) and its model name {self.model!r} (the "
+                    "names the server serves are listed at GET <base_url>/models)")
+        if status is not None and 400 <= status < 500 and "response_format" in reply:
+            return ("The server rejects the structured-output request: set structured_output: json_object "
+                    "(llama.cpp's server) or none in the model's config")
+        if status is not None and 400 <= status < 500:
+            return "The server rejects the requests (its reply is quoted above): fix the model config or the prompt"
+        return "Check that the server is up and answers at base_url"
 
     async def _one(self, send: Send, request: Request) -> Completion:
         try:
@@ -306,8 +408,32 @@ def _failed(exc: BaseException, tries: int) -> Completion:
     # The raw output of a failed call: the body of a 200 that was not a usable completion, or of an
     # HTTP error response (its JSON error, an HTML error page); None when nothing arrived (reset, timeout).
     raw = _raw_body(exc)
-    return Completion(raw, error=f"{type(exc).__name__}: {_short(exc)} (after {tries} tries)",
-                      extra={"tries": tries, "retryable": is_retryable(exc)})
+    extra: dict[str, Any] = {"tries": tries, "retryable": is_retryable(exc)}
+    if isinstance(exc, openai.APIStatusError):
+        extra["status"] = exc.status_code
+    # The aiohttp transport reports a refused connection as APITimeoutError: name it by what happened.
+    kind = "ConnectionRefusedError" if connection_refused(exc) else type(exc).__name__
+    return Completion(raw, error=f"{kind}: {describe(exc)} (after {tries} tries)", extra=extra)
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, in the words of the failure: a refused connection is not a timeout."""
+    refused = connection_refused(exc)
+    if refused:
+        return refused
+    return _short(exc)
+
+
+def connection_refused(exc: BaseException) -> str | None:
+    """'connection refused ...' when a ConnectionRefusedError is anywhere in the exception's causes."""
+    seen = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError) or "Connection refused" in str(cause):
+            return "connection refused: nothing is listening at that address (is the server running?)"
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _raw_body(exc: BaseException) -> str | None:
@@ -320,6 +446,22 @@ def _raw_body(exc: BaseException) -> str | None:
     if body is None:
         return None
     return body[:MAX_RAW_BODY].decode("utf-8", errors="replace") if isinstance(body, bytes) else str(body)[:MAX_RAW_BODY]
+
+
+def _server_message(response) -> str:
+    """The error message of an HTTP error response (OpenAI's {"error": {"message"}} shape), else its text."""
+    try:
+        error = orjson.loads(response.content).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (orjson.JSONDecodeError, AttributeError):
+        message = None
+    text = str(message) if message else response.content[:300].decode("utf-8", "replace").strip()
+    return text[:300] or "no body"
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _short(exc: BaseException) -> str:

@@ -8,6 +8,8 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from pydantic import Field
+
 from ..models import Strict
 
 
@@ -30,6 +32,15 @@ class StageConfig(Strict):
     def templates(self) -> dict[str, tuple[str, set[str]]]:
         """field name -> (template path, variables the stage provides to it)."""
         return {}
+
+
+class ModelStageConfig(StageConfig):
+    """A stage that calls a model. `max_failed_fraction` overrides the pipeline's failure budget for it."""
+
+    # Left out of dumps (stage fingerprints, config hash): a budget changes when a run stops, not its results.
+    max_failed_fraction: float | None = Field(
+        None, ge=0, le=1, exclude=True, description="stop the run when more than this share of the stage's "
+                                                    "calls failed (default: the pipeline's max_failed_fraction)")
 
 
 @dataclass

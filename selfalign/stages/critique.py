@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, create_model, model_validator
 from ..backends.base import Request, Sampling
 from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME, Strict
-from .base import StageConfig, StageOutput, lists, strings, structs
+from .base import ModelStageConfig, StageOutput, lists, strings, structs
 
 CRITIQUE = pl.Struct({"text": pl.Utf8, "score": pl.Float64, "sample_index": pl.Int64, "model": pl.Utf8,
                       "criterion_scores": pl.List(pl.Struct({"name": pl.Utf8, "score": pl.Float64}))})
@@ -41,7 +41,7 @@ class SamplingConfig(Strict):
         return Sampling(self.temperature, self.top_p, self.max_tokens, self.seed)
 
 
-class CritiqueConfig(StageConfig):
+class CritiqueConfig(ModelStageConfig):
     kind: Literal["critique"]
     model: str = DEFAULT_MODEL_NAME
     prompt: str = "prompts/critique.jinja"

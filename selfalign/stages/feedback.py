@@ -18,11 +18,11 @@ from pydantic import Field, create_model
 from ..backends.base import Request
 from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME
-from .base import StageConfig, StageOutput
+from .base import ModelStageConfig, StageOutput
 from .critique import CRITIQUE, SamplingConfig, failure_columns
 
 
-class FeedbackConfig(StageConfig):
+class FeedbackConfig(ModelStageConfig):
     kind: Literal["feedback"]
     model: str = DEFAULT_MODEL_NAME
     prompt: str = "prompts/feedback_reward.jinja"

@@ -13,11 +13,11 @@ from pydantic import Field
 
 from ..backends.base import Request
 from ..models import DEFAULT_MODEL_NAME
-from .base import StageConfig, StageOutput
+from .base import ModelStageConfig, StageOutput
 from .critique import SamplingConfig, failure_columns
 
 
-class GenerateConfig(StageConfig):
+class GenerateConfig(ModelStageConfig):
     kind: Literal["generate"]
     model: str = DEFAULT_MODEL_NAME
     samples: int = Field(4, ge=2, le=64, description="responses per prompt (at least 2, to make pairs)")

@@ -16,14 +16,14 @@ from pydantic import Field, create_model
 from ..backends.base import Request
 from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME
-from .base import StageConfig, StageOutput
+from .base import ModelStageConfig, StageOutput
 from .critique import SamplingConfig, failure_columns
 
 Verdict = create_model("Verdict", reasoning=(str, Field(min_length=1, max_length=800)),
                        winner=(Literal["A", "B"], ...))
 
 
-class JudgeConfig(StageConfig):
+class JudgeConfig(ModelStageConfig):
     kind: Literal["judge"]
     model: str = DEFAULT_MODEL_NAME
     prompt: str = "prompts/judge_pairwise.jinja"

@@ -15,7 +15,7 @@ from pydantic import Field, create_model, model_validator
 from ..backends.base import Request
 from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME
-from .base import StageConfig, StageOutput
+from .base import ModelStageConfig, StageOutput
 from .critique import CRITIQUE, SamplingConfig, failure_columns
 
 SIDES = ("chosen", "rejected")
@@ -23,7 +23,7 @@ MetaScore = create_model("MetaScore", reason=(str, Field(min_length=1, max_lengt
                          quality=(Literal[tuple(range(1, 11))], ...))
 
 
-class RefineConfig(StageConfig):
+class RefineConfig(ModelStageConfig):
     kind: Literal["refine"]
     method: Literal["summarize", "rank"]
     model: str = DEFAULT_MODEL_NAME
