@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import SelfalignError
+from .errors import EXIT_COMPLETE, EXIT_FINISHED_WITH_FAILED_CALLS, SelfalignError
 
 
 def cmd_run(args) -> int:
@@ -30,12 +30,20 @@ def cmd_run(args) -> int:
         if failure is None:
             raise
         raise failure from None
+    calls = manifest["model_calls"]
+    summary = (f"{manifest['rows_out']} rows out; model calls: {calls['requested']} requested, {calls['cached']} "
+               f"cached, {calls['sent']} sent, {calls['failed']} failed")
+    if calls["failed"]:
+        # Printed even with --quiet: a script or a person must not read this run as a clean success.
+        where = ", ".join(str(run_dir / "dropped" / f"{stage['stage']:02d}-{stage['kind']}.parquet")
+                          for stage in manifest["rows"] if stage["model_calls"]["failed"])
+        print(f"finished with {calls['failed']} failed model calls in {manifest['seconds']:.1f}s: {summary}. "
+              f"Their rows are in {where} (status, error, raw_output); run the same command again to retry only "
+              f"those (exit status {EXIT_FINISHED_WITH_FAILED_CALLS})", file=sys.stderr)
+        return EXIT_FINISHED_WITH_FAILED_CALLS
     if not args.quiet:
-        calls = manifest["model_calls"]
-        print(f"done in {manifest['seconds']:.1f}s: {manifest['rows_out']} rows out; model calls: "
-              f"{calls['requested']} requested, {calls['cached']} cached, {calls['sent']} sent, "
-              f"{calls['failed']} failed", file=sys.stderr)
-    return 0
+        print(f"done in {manifest['seconds']:.1f}s: {summary}", file=sys.stderr)
+    return EXIT_COMPLETE
 
 
 def first_missing(path: Path) -> Path | None:
@@ -97,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     run = with_file(sub.add_parser("run", help="run a pipeline (resumes from its cache)"))
-    run.add_argument("--limit", type=int, help="read only the first N input rows")
+    from .errors import positive_int
+    run.add_argument("--limit", type=positive_int, metavar="N", help="read only the first N input rows (N >= 1)")
     run.add_argument("--output", help="run directory (default: outputs/<pipeline name>)")
     run.add_argument("--quiet", action="store_true", help="no progress output")
     run.add_argument("--executor", choices=["local", "ray"], help="where model calls run (default: the "

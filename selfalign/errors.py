@@ -56,6 +56,21 @@ class RunError(SelfalignError):
     """A run cannot start or continue (locked output dir, unwritable disk, missing model file)."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type for a count such as --limit: a whole number >= 1, else argparse's own error (exit 2),
+    which names the option. (type=int takes 0 and -1, and a run that reads no rows only fails later.)"""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, got {text!r}; leave it out to use "
+                                         "every row")
+    return value
+
+
 # What a write that failed because of the disk means, by errno.
 DISK_REASONS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EROFS: "the file system is read-only", errno.EFBIG: "the file size limit is reached"}
@@ -78,3 +93,20 @@ def disk_failure(exc: BaseException, run_dir: str) -> RunError | None:
     return RunError(f"cannot write {where}: {reason}. Free space (or fix the mount) and run the same command "
                     "again: every finished model call is in the run's cache and is not paid for twice; or pass "
                     "--output DIR to write elsewhere")
+
+
+class RunStopped(SelfalignError):
+    """The run stopped itself part-way: too many calls failed, or an endpoint refuses every call.
+
+    Every finished call is in the cache; after fixing the cause the same command resumes. Its own exit
+    status (4), so a script can tell it from bad input (2) and from a run that finished with failed calls (3).
+    """
+
+    exit_code = 4
+
+
+# Exit statuses of `selfalign run`, for scripts (README "Exit status" has the table).
+EXIT_COMPLETE = 0
+EXIT_BAD_INPUT = 2
+EXIT_FINISHED_WITH_FAILED_CALLS = 3
+EXIT_STOPPED = RunStopped.exit_code
