@@ -22,8 +22,11 @@ PIPELINES = ["quickstart", "critic_rm", "self_rewarding", "rubric_story", "ultra
 def run(name: str, output: Path) -> dict:
     done = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", f"pipelines/{name}.yaml", "--limit", "10",
                            "--output", str(output), "--quiet"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((output / "manifest.json").read_text())
+    assert (output / "manifest.json").exists(), done.stderr[-3000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    # 0 complete; 3 finished with failed calls (the tiny model breaks the schema now and then), never 0 then.
+    assert done.returncode == (3 if manifest["model_calls"]["failed"] else 0), done.stderr[-3000:]
+    return manifest
 
 
 @pytest.mark.slow
