@@ -12,6 +12,7 @@ import fcntl
 import html
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -312,6 +313,13 @@ def _samples_html(run: RunData, count: int = 3) -> str:
     return "".join(out)
 
 
+def _attempts_text(attempts: list[dict[str, Any]], sent: int | None) -> str:
+    if not attempts:
+        return "-"
+    ended = Counter(attempt["status"] for attempt in attempts)
+    return f"{sent or 0:,} over {len(attempts)} attempt(s): " + ", ".join(f"{n} {status}" for status, n in ended.items())
+
+
 def _summary_html(run: RunData) -> str:
     m = run.manifest
     funnel = m.get("rows") or []
@@ -324,6 +332,8 @@ def _summary_html(run: RunData) -> str:
         ("sources", ", ".join(f"{k}: {v:,}" for k, v in (dataset.get("sources") or {}).items()) or "-"),
         ("agreement with human (final)", dataset.get("agreement_with_human")),
         ("model calls", ", ".join(f"{k} {calls.get(k, 0):,}" for k in ("requested", "cached", "sent", "failed"))),
+        # What was paid over the run's whole life: this attempt's `sent` leaves out earlier (killed) attempts.
+        ("calls sent, all attempts", _attempts_text(m.get("attempts") or [], m.get("calls_sent_all_attempts"))),
         ("tokens", ", ".join(f"{k} {v:,}" for k, v in (m.get("tokens") or {}).items())),
         ("config sha256", m.get("config_sha256")), ("selfalign", m.get("selfalign_version")),
     ]

@@ -199,6 +199,9 @@ def test_critic_rm_report_numbers_match_the_manifest(critic_rm_run):
     assert (after["agrees"], after["tied"], after["disagrees"]) == (consistency["out"], 0, 0)
     text = write_report(critic_rm_run).read_text()
     assert f"scores_contradict_label: {before['disagrees']:,}" in text
+    # Calls paid over the run's whole life, from the attempts the cache recorded.
+    assert manifest["attempts"] and manifest["calls_sent_all_attempts"] == manifest["model_calls"]["sent"]
+    assert f"{manifest['calls_sent_all_attempts']:,} over {len(manifest['attempts'])} attempt(s)" in text
     # The plot functions stand alone (the dataset card calls them): the score plot from the manifest only.
     png = plots.plot_scores(critic_rm_run / "alone" / "scores.png", manifest=manifest)
     assert decode_png(png.name, png.parent).width > 200
