@@ -32,14 +32,14 @@ def resolve_path(value: str, pipeline_path: Path) -> Path:
 
 
 def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
-    pipeline, file = loaded.pipeline, str(loaded.path)
+    pipeline = loaded.pipeline
     models = effective_models(pipeline)
     errors: list[ConfigError] = []
     columns: set[str] = set()
     for index, stage in enumerate(pipeline.stages):
         def error(message: str, field: str | None = None) -> None:
-            line = loaded.line("stages", index, field) if field else loaded.line("stages", index)
-            errors.append(ConfigError(message, file=file, line=line, stage=index, kind=stage.kind, field=field))
+            place = loaded.place("stages", index, field) if field else loaded.place("stages", index)
+            errors.append(ConfigError(message, **place, stage=index, kind=stage.kind, field=field))
 
         if (index == 0) != (stage.kind == "load"):
             error("the first stage must be `kind: load` (and only the first)", "kind")
@@ -51,6 +51,10 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
                       "model")
         for field, (template_path, provided) in stage.templates().items():
             path = resolve_path(template_path, loaded.path)
+            if path.is_dir():
+                error(f"prompt {template_path!r} is a directory; name a .jinja file in it, e.g. "
+                      "prompts/critique.jinja", field)
+                continue
             if not path.is_file():
                 error(f"prompt file {template_path!r} not found (looked in the current directory, beside the "
                       f"pipeline and in {PROJECT_ROOT / 'prompts'}); fix the path", field)
@@ -70,7 +74,32 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
                   f"{', '.join(sorted(columns)) or 'none'}. Add the stage that makes them earlier in the pipeline",
                   _field_for_missing(stage))
         columns |= stage.adds()
+        if stage.kind == "export":
+            _check_export_order(pipeline.stages, index, error)
     return errors
+
+
+# What may follow an export: publish pushes the same rows. Any other stage would change rows the export has
+# already written, so the run's result (dataset/, export/) would not hold them.
+AFTER_EXPORT = {"publish"}
+
+
+def _check_export_order(stages: list, index: int, error) -> None:
+    """One export, after every stage that changes rows. Refused rather than given a meaning: dataset/ and
+    export/<format>/ are fixed paths a trainer loads, so an early or second export would silently hand it
+    rows other than the pipeline's result (every stage's own rows are in stages/ anyway)."""
+    earlier = [i for i, stage in enumerate(stages[:index]) if stage.kind == "export"]
+    if earlier:
+        error(f"a second export: it would replace dataset/ (and export/<format>/) written by stage {earlier[0]} "
+              "(export); keep one export at the end and list every format there, e.g. formats: [trl, critic-rm]",
+              "kind")
+        return
+    later = [f"{i} ({stage.kind})" for i, stage in enumerate(stages) if i > index and stage.kind != "export"
+             and stage.kind not in AFTER_EXPORT]
+    if later:
+        error(f"export comes before stage{'s' if len(later) > 1 else ''} {', '.join(later)}, so the exported "
+              "dataset would not hold their result; move the export to the end (only publish may follow it)",
+              "kind")
 
 
 def _field_for_missing(stage) -> str | None:

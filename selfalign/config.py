@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from .errors import ConfigError, ConfigErrors
-from .models import MODEL_CLASSES, ModelConfig, Strict
+from .models import DEFAULT_MODEL_NAME, MODEL_CLASSES, ModelConfig, Strict
 from .stages import STAGES
 from .yaml_source import line_for, load_yaml_with_lines
 
@@ -65,56 +65,110 @@ class LoadedPipeline:
     def line(self, *path) -> int | None:
         return line_for(self.lines, path)
 
+    def place(self, *path) -> dict:
+        """`file=` and `line=` for a ConfigError about `path`: the `--set` that wrote the value, else its line."""
+        return _place(path, self.path, self.lines, self.overrides)
+
+
+def override_path(assignment: str) -> tuple[str, ...]:
+    """("stages", "1", "samples") for "stages.1.samples=2"."""
+    return tuple(assignment.split("=", 1)[0].split("."))
+
+
+def shown(assignment: str) -> str:
+    """A `--set` as errors print it: the value of a key or token (refused, but typed all the same) hidden."""
+    dotted, equals, _ = assignment.partition("=")
+    secret = equals and dotted.rsplit(".", 1)[-1].lower().endswith(("key", "token", "secret", "password"))
+    return f"{dotted}=***" if secret else assignment
+
+
+def _place(path, file: Path, lines: dict, overrides: tuple[str, ...] | list[str]) -> dict:
+    """Where a problem at `path` came from. A value set with `--set` is blamed on that `--set` (the YAML line
+    may hold a perfectly good value that the override replaced); the last matching override wins, as it does
+    when they are applied."""
+    key = tuple(str(part) for part in path)
+    for assignment in reversed(list(overrides)):
+        target = override_path(assignment)
+        if key[:len(target)] == target:
+            return {"file": f"--set {shown(assignment)}", "line": None}
+    return {"file": str(file), "line": line_for(lines, tuple(path))}
+
 
 def apply_override(data: dict, assignment: str) -> None:
     """`--set models.critic.base_url=http://...` or `--set stages.1.samples=2` (value parsed as YAML)."""
+    place = f"--set {shown(assignment)}"
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected dotted.path=value")
+        raise ConfigError("no '=' in it; write --set PATH=VALUE, e.g. --set stages.1.samples=4", file=place)
     dotted, raw = assignment.split("=", 1)
     keys = dotted.split(".")
+    if not all(keys):
+        raise ConfigError(f"{dotted!r} is not a dotted path (empty part); write e.g. stages.1.samples or "
+                          "models.critic.base_url", file=place)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"the value is not valid YAML ({problem}); quote it, e.g. "
+                          f"--set '{dotted}=\"...\"'", file=place) from None
     target: Any = data
     for depth, key in enumerate(keys):
         last = depth == len(keys) - 1
+        where = ".".join(keys[:depth]) or "the pipeline"
         if isinstance(target, list):
             if not key.isdigit() or int(key) >= len(target):
-                raise ConfigError(f"--set {dotted}: {key!r} is not an index of a list of {len(target)} items "
-                                  "(stage numbers start at 0)")
+                raise ConfigError(f"{key!r} is not an index of {where}, a list of {len(target)} items "
+                                  f"(use 0 to {len(target) - 1}; stage numbers start at 0)", file=place)
             key = int(key)
         elif not isinstance(target, dict):
-            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:depth])} is not a mapping")
+            raise ConfigError(f"{where} is {_yaml_kind(target)}, not a mapping, so it has no {key!r}", file=place)
         if last:
-            target[key] = yaml.safe_load(raw)
+            target[key] = value
         else:
             if isinstance(target, dict) and key not in target:
+                if keys[:depth] == ["models"] and key != DEFAULT_MODEL_NAME:
+                    # Creating it would make a model from this one value; a misspelt name would pass unnoticed.
+                    defined = sorted(target)
+                    raise ConfigError(f"model {key!r} is not defined under models:{_did_you_mean(key, defined)}"
+                                      f" (defined: {', '.join(defined) or 'none'}); to add a model set it whole, "
+                                      f"e.g. --set 'models.{key}={{backend: openai, base_url: ..., model: ...}}'",
+                                      file=place)
                 target[key] = {}
             target = target[key]
+
+
+def _yaml_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "a list"
+    return "empty" if value is None else f"the {type(value).__name__} {value!r}"
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> LoadedPipeline:
     path = Path(path)
     data, lines = load_yaml_with_lines(path)
     if not isinstance(data, dict):
-        raise ConfigErrors([ConfigError("a pipeline file is a mapping with schema_version, name, models, stages",
-                                        file=str(path), line=1)])
+        what = "is empty" if data is None else f"holds {_yaml_kind(data)}"
+        raise ConfigErrors([ConfigError(f"{what}; a pipeline file is a mapping with schema_version, name, models, "
+                                        "stages (see pipelines/quickstart.yaml)", file=str(path), line=1)])
+    overrides = tuple(overrides)
     for assignment in overrides:
         apply_override(data, assignment)
-    errors = _pre_checks(data, path, lines)
+    errors = _pre_checks(data, path, lines, overrides)
     if not errors:
         try:
             pipeline = Pipeline.model_validate(data)
         except ValidationError as exc:
-            errors = [_to_config_error(e, data, path, lines) for e in exc.errors()]
+            errors = [_to_config_error(e, data, path, lines, overrides) for e in exc.errors()]
     if errors:
         raise ConfigErrors(_unique(errors))
-    return LoadedPipeline(pipeline, path, lines, data, tuple(overrides))
+    return LoadedPipeline(pipeline, path, lines, data, overrides)
 
 
-def _pre_checks(data: dict, path: Path, lines: dict) -> list[ConfigError]:
+def _pre_checks(data: dict, path: Path, lines: dict, overrides: tuple[str, ...] = ()) -> list[ConfigError]:
     """Checks with better messages than pydantic would give."""
     errors = []
     if data.get("schema_version") not in (1, None):
         errors.append(ConfigError(f"schema_version {data['schema_version']!r} is not supported; this selfalign "
-                                  "reads schema_version: 1", file=str(path), line=line_for(lines, ("schema_version",)),
+                                  "reads schema_version: 1", **_place(("schema_version",), path, lines, overrides),
                                   field="schema_version"))
     models = data.get("models")
     if isinstance(models, dict):
@@ -125,12 +179,13 @@ def _pre_checks(data: dict, path: Path, lines: dict) -> list[ConfigError]:
                     errors.append(ConfigError(
                         "a literal API key is refused (it would land in files and logs); put it in an environment "
                         "variable and name that variable with api_key_env: OPENAI_API_KEY",
-                        file=str(path), line=line_for(lines, ("models", name, "api_key")),
+                        **_place(("models", name, "api_key"), path, lines, overrides),
                         field=f"models.{name}.api_key"))
     return errors
 
 
-def _to_config_error(error: dict, data: dict, path: Path, lines: dict) -> ConfigError:
+def _to_config_error(error: dict, data: dict, path: Path, lines: dict,
+                     overrides: tuple[str, ...] = ()) -> ConfigError:
     """Turn a pydantic error into one a person can act on, at the right line."""
     loc = list(error["loc"])
     yaml_path, cursor, tags = [], data, []
@@ -165,8 +220,12 @@ def _to_config_error(error: dict, data: dict, path: Path, lines: dict) -> Config
         message = f"unknown {what} {bad!r}{_did_you_mean(bad, choices)}; choose one of {', '.join(choices)}"
     elif error_type == "union_tag_not_found":
         message = "needs `kind:` (one of " + ", ".join(sorted(STAGES)) + ")" if stage is not None else message
-    return ConfigError(message, file=str(path), line=line_for(lines, tuple(yaml_path)), stage=stage, kind=kind,
-                       field=".".join(field_path) or None)
+    # Blame a --set by the full path of the field (a missing key or a union tag is not in yaml_path).
+    full_path = ("stages", stage, *field_path) if stage is not None else tuple(field_path)
+    place = _place(full_path, path, lines, overrides)
+    if place["file"] == str(path):  # not from a --set: the line of the nearest key the file has
+        place["line"] = line_for(lines, tuple(yaml_path))
+    return ConfigError(message, **place, stage=stage, kind=kind, field=".".join(field_path) or None)
 
 
 def _allowed_keys(yaml_path: list, data: dict) -> list[str]:

@@ -112,3 +112,40 @@ def test_schema_command_prints_the_json_schema(capsys):
 def test_run_name_cannot_escape_outputs(write_pipeline):
     message = errors_of(write_pipeline(GOOD.replace("name: t", "name: ../../x")))
     assert ":2: name: String should match pattern" in message
+
+
+def test_every_duplicate_key_is_reported_with_both_lines(write_pipeline):
+    path = write_pipeline(GOOD.replace("name: t", "name: t\nseed: 1\nseed: 2").replace(
+        "  critic: {backend: fake}", "  critic: {backend: fake}\n  critic: {backend: fake}"))
+    message = errors_of(path)
+    assert f"{path}:4: seed: duplicate key 'seed' (also at line 3)" in message, message
+    assert f"{path}:7: models.critic: duplicate key 'critic' (also at line 6)" in message, message
+
+
+def test_a_set_error_names_the_set_not_the_yaml_line(write_pipeline):
+    path = write_pipeline(GOOD)
+    message = errors_of(path, ["stages.1.samples=many"])
+    assert message.startswith("--set stages.1.samples=many: stage 1 (critique): samples:"), message
+    assert f"{path}:11" not in message  # line 11 holds `samples: 2`, which is fine
+    # An override that is not at fault leaves the blame on the file.
+    message = errors_of(write_pipeline(GOOD.replace("    samples: 2", "    samples: lots")), ["stages.1.model=critic"])
+    assert ":11: stage 1 (critique): samples: Input should be a valid integer" in message, message
+
+
+def test_set_cannot_create_a_model_by_one_field_but_can_add_a_whole_one(write_pipeline):
+    path = write_pipeline(GOOD)
+    with pytest.raises(ConfigError, match="model 'critc' is not defined under models:; did you mean 'critic'"):
+        load_pipeline(path, ["models.critc.model=x"])
+    loaded = load_pipeline(path, ["models.judge={backend: fake}", "models.default.backend=fake"])
+    assert set(loaded.pipeline.models) == {"critic", "judge", "default"}
+
+
+@pytest.mark.parametrize("old, new", [
+    ("  critic: {backend: fake}", "  critic: {backend: vllm, model: m, enforce_eager: true}"),  # a bool field
+    ("    samples: 2", "    samples: 2\n    sampling: {temperature: 1, max_tokens: 64}"),  # an int for a float
+    ("  critic: {backend: fake}", "  critic: {backend: openai, base_url: 'https://api.example.com/v1/', model: m}"),
+    ("  - kind: export\n", "  - kind: export\n  - kind: publish\n    hub: {repo: me/prefs, private: false}\n"),
+])
+def test_what_the_new_checks_must_still_accept(write_pipeline, old, new):
+    assert old in GOOD
+    assert errors_of(write_pipeline(GOOD.replace(old, new))) == ""

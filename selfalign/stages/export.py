@@ -7,8 +7,9 @@ run's result directly.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import polars as pl
 from pydantic import Field
@@ -36,6 +37,22 @@ def to_dataset_dict(splits: dict[str, pl.DataFrame]):
     # Our own content fingerprint: without one, `datasets` hashes a serialised copy of the whole table.
     return datasets.DatasetDict({name: datasets.Dataset(frame.to_arrow(), fingerprint=frame_fingerprint(frame))
                                  for name, frame in splits.items()})
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """`datasets` draws a "Saving the dataset" bar on stderr; --quiet means nothing but errors, so turn its
+    bars off for the save (a global switch in `datasets`, put back as it was)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not enabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not enabled and not was_disabled:
+            enable_progress_bars()
 
 
 def critique_prompt_from_stages(stages: list[Any], template: Callable[[str], Any]) -> CritiquePrompt | None:
@@ -79,5 +96,6 @@ def run(df: pl.DataFrame, config: ExportConfig, ctx) -> StageOutput:
             # An empty split (a small run whose prompts all hashed into train) must still be written as one
             # shard: `datasets` would write none for it, and load_from_disk then fails on the folder.
             shards = {split: (1 if frame.height == 0 else None) for split, frame in formatted.items()}
-            write_dir(ctx.run_dir / "dataset", lambda tmp: dataset.save_to_disk(str(tmp), num_shards=shards))
+            with _progress_bars(not ctx.progress.quiet):
+                write_dir(ctx.run_dir / "dataset", lambda tmp: dataset.save_to_disk(str(tmp), num_shards=shards))
     return StageOutput(df, metrics={"exported": written})

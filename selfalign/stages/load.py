@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
@@ -55,20 +56,70 @@ def row_id(row: dict[str, Any]) -> str:
     return hashlib.sha256(_ROW_JSON.encode(row).encode()).hexdigest()[:16]
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                value = orjson.loads(raw)  # fast; whatever it refuses gets the exact checks and messages below
-            except orjson.JSONDecodeError:
-                value = _parse_line(raw, path, number)
-                if value is None:
-                    continue
-            if not isinstance(value, dict):
-                raise DataError(f"expected a JSON object per line, got {type(value).__name__}", file=str(path),
-                                row=number)
-            yield number, value
+# What a file's first bytes say it is. A data file that is really compressed (or UTF-16) otherwise fails as
+# "not UTF-8" or "invalid JSON" on row 1, which sends the user looking for the wrong fix.
+_MAGIC = [(b"\x1f\x8b", "gzip-compressed"), (b"\x28\xb5\x2f\xfd", "zstd-compressed"),
+          (b"\xfd7zXZ\x00", "xz-compressed"), (b"PK\x03\x04", "a zip archive"), (b"PAR1", "a parquet file"),
+          (b"\xff\xfe", "UTF-16 text"), (b"\xfe\xff", "UTF-16 text"),
+          *((b"BZh" + str(level).encode(), "bzip2-compressed") for level in range(1, 10))]
+_UTF8_BOM = b"\xef\xbb\xbf"  # what Windows editors put first; the text is UTF-8 all the same
+_TEXT_TYPES = (".jsonl", ".ndjson", ".json", ".csv")
+
+
+def _sniff(path: Path) -> str | None:
+    """What the file is by its first bytes (see _MAGIC), or None for anything else (text, presumably)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise DataError(f"cannot read the file: {(exc.strerror or str(exc)).lower()}; check its permissions",
+                        file=str(path)) from None
+    return next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+
+
+def _looks(what: str | None) -> str:
+    return f"it is {what}" if what else "it may be plain text"
+
+
+def _wrong_content(path: Path, what: str) -> DataError:
+    """The error for a file whose bytes do not match its name, with the fix for that case."""
+    name = path.name.lower()
+    if what == "UTF-16 text":
+        fix = f"re-encode it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 {path.name} > fixed{path.suffix}"
+    elif what == "gzip-compressed" and name.endswith((".jsonl", ".ndjson")):
+        fix = f"rename it to {path.name}.gz (gzip is read directly) or decompress it"
+    elif what == "a parquet file":
+        fix = f"rename it to {path.stem}.parquet"
+    else:
+        fix = "decompress it (only .jsonl.gz is read compressed) and point `path:` at the result"
+    return DataError(f"is {what}, not the text its name ({path.suffix}) says; {fix}", file=str(path))
+
+
+def _read_jsonl(path: Path, compressed: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    opener = gzip.open if compressed else open
+    number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                if number == 1 and raw.startswith(_UTF8_BOM):
+                    raw = raw[len(_UTF8_BOM):]
+                try:
+                    value = orjson.loads(raw)  # fast; whatever it refuses gets the exact checks and messages below
+                except orjson.JSONDecodeError:
+                    value = _parse_line(raw, path, number)
+                    if value is None:
+                        continue
+                if not isinstance(value, dict):
+                    raise DataError(f"expected a JSON object per line, got {type(value).__name__}",
+                                    file=str(path), row=number)
+                yield number, value
+    # The gzip stream breaks while row `number + 1` is being read; rows before it were whole.
+    except EOFError:
+        raise DataError("the gzip data ends early: the file is truncated (an interrupted download or copy?); "
+                        "download or compress it again", file=str(path), row=number + 1) from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"damaged gzip data ({exc}); download or compress the file again", file=str(path),
+                        row=number + 1) from None
 
 
 def _parse_line(raw: bytes, path: Path, number: int) -> Any:
@@ -86,25 +137,55 @@ def _parse_line(raw: bytes, path: Path, number: int) -> Any:
         raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})", file=str(path), row=number) from None
 
 
+def _read_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # -sig: a leading byte-order mark is fine
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 ({exc.reason} at byte {exc.start}); re-encode the file as UTF-8",
+                        file=str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})", file=str(path)) \
+            from None
+    if not isinstance(data, list):
+        raise DataError(f"a .json file must hold a list of objects, this one holds a {type(data).__name__} "
+                        "(or use .jsonl, one object per line)", file=str(path))
+    for number, value in enumerate(data, start=1):
+        if not isinstance(value, dict):
+            raise DataError(f"expected a JSON object, got {type(value).__name__}", file=str(path), row=number)
+        yield number, value
+
+
 def _read_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     name = path.name.lower()
+    compressed = name.endswith(".jsonl.gz")
+    if not compressed and not name.endswith((*_TEXT_TYPES, ".parquet")):
+        raise DataError("unknown file type; use .jsonl, .jsonl.gz, .json, .parquet or .csv (decompress other "
+                        "archives first)", file=str(path))
+    what = _sniff(path)
+    # A binary type whose bytes are something else (an empty .jsonl.gz is just empty: "has no rows" below).
+    if compressed and what != "gzip-compressed" and path.stat().st_size > 0:
+        raise DataError(f"is not gzip-compressed ({_looks(what)}); rename it to what it is (e.g. .jsonl) or "
+                        "compress it with gzip", file=str(path))
+    if name.endswith(".parquet") and what != "a parquet file":
+        looks = "it is empty" if path.stat().st_size == 0 else _looks(what)
+        raise DataError(f"is not a parquet file ({looks}); rename it to what it is (e.g. .jsonl) or write it "
+                        "with a parquet writer", file=str(path))
+    # polars decompresses a gzip or zstd .csv by itself; anything else whose bytes do not match is refused.
+    csv_it_reads = name.endswith(".csv") and what in ("gzip-compressed", "zstd-compressed")
+    if what is not None and name.endswith(_TEXT_TYPES) and not csv_it_reads:
+        raise _wrong_content(path, what)
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, compressed)
+        return
+    if name.endswith(".json"):
+        yield from _read_json(path)
         return
     try:
         if name.endswith(".parquet"):
             frame = pl.read_parquet(path)
-        elif name.endswith(".csv"):
-            frame = pl.read_csv(path, infer_schema=False)
-        elif name.endswith(".json"):
-            data = json.loads(path.read_bytes().decode("utf-8"))
-            if not isinstance(data, list):
-                raise DataError("a .json file must hold a list of objects (or use .jsonl)", file=str(path))
-            yield from enumerate(data, start=1)
-            return
         else:
-            raise DataError("unknown file type; use .jsonl, .jsonl.gz, .json, .parquet or .csv", file=str(path))
-    except (UnicodeDecodeError, pl.exceptions.ComputeError, json.JSONDecodeError) as exc:
+            frame = pl.read_csv(path, infer_schema=False)
+    except (UnicodeDecodeError, pl.exceptions.PolarsError, OSError) as exc:
         raise DataError(f"cannot read: {exc}", file=str(path)) from None
     yield from enumerate(frame.iter_rows(named=True), start=1)
 
@@ -123,9 +204,14 @@ def _read_hf(config: LoadConfig) -> Iterator[tuple[int, dict[str, Any]]]:
 def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
     if config.path is not None:
         path = ctx.resolve(config.path)
+        if path.is_dir():
+            raise DataError("is a directory, not a file; point `path:` at a .jsonl, .jsonl.gz, .json, .parquet "
+                            "or .csv file in it (or read a saved dataset folder with `hf:`)", file=config.path)
         if not path.is_file():
-            raise DataError("file not found; fix `path:` (relative paths are read from the current directory "
-                            "or the pipeline file's directory)", file=config.path)
+            # is_file() is also False for a link to nothing and for a loop of links: say which.
+            broken = " (a symbolic link to a missing file, or a loop of links)" if path.is_symlink() else ""
+            raise DataError(f"file not found{broken}; fix `path:` (relative paths are read from the current "
+                            "directory or the pipeline file's directory)", file=config.path)
         rows, source_name = _read_rows(path), str(path)
     else:
         rows, source_name = _read_hf(config), config.hf
