@@ -19,6 +19,10 @@ from .models import DEFAULT_MODEL_NAME, MODEL_CLASSES, ModelConfig, Strict
 from .stages import STAGES
 from .yaml_source import line_for, load_yaml_with_lines
 
+# A tenth: a few failed calls are normal (a flaky endpoint, a model that breaks the schema now and then) and
+# land in dropped/; more means something is wrong with the endpoint, the prompt or the model.
+DEFAULT_MAX_FAILED_FRACTION = 0.1
+
 StageUnion = Annotated[Union[tuple(cls for cls, _ in STAGES.values())], Field(discriminator="kind")]
 
 
@@ -52,6 +56,11 @@ class Pipeline(Strict):
     stages: list[StageUnion] = Field(min_length=1)
     # Left out of dumps (config_sha256, stage fingerprints): where the calls run does not change the results.
     executor: Executor = Field(default_factory=Executor, exclude=True)
+    # The failure budget: a model stage with more failed calls than this share stops the run (exit 4). Left out of
+    # dumps like executor: it changes when a run stops, not what it makes.
+    max_failed_fraction: float = Field(DEFAULT_MAX_FAILED_FRACTION, ge=0, le=1, exclude=True,
+                                       description="stop the run when more than this share of a model stage's "
+                                                   "calls failed; a stage's own max_failed_fraction overrides it")
 
 
 @dataclass
