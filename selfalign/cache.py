@@ -27,16 +27,19 @@ CREATE TABLE IF NOT EXISTS replies (
     text TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL,
     completion_tokens INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    attempt INTEGER
 );
 CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY,
     started REAL NOT NULL,
     ended REAL,
-    sent INTEGER NOT NULL DEFAULT 0,
+    unanswered INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL
 )
 """
+# An attempt's sent calls = its replies in `replies` (tagged with its id, so a reply costs one INSERT and no
+# counter update) + `unanswered`: calls that brought no reply to keep, and kept replies forgotten later.
 # How an attempt ended: `running` until it records its end; one still `running` when the next attempt takes
 # the run's lock was killed (the lock is held for the whole of a run, so its process is gone).
 RUNNING, KILLED = "running", "killed"
@@ -104,6 +107,8 @@ class Cache:
         # NORMAL in WAL mode: a committed reply survives a process kill (not a power loss), at no fsync cost.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        if "attempt" not in {row[1] for row in self._db.execute("PRAGMA table_info(replies)")}:
+            self._db.execute("ALTER TABLE replies ADD COLUMN attempt INTEGER")  # a cache from before attempts
 
     def get_many(self, keys: list[str]) -> dict[str, tuple[str, int, int]]:
         found: dict[str, tuple[str, int, int]] = {}
@@ -118,27 +123,30 @@ class Cache:
         return found
 
     def put(self, key: str, text: str, prompt_tokens: int, completion_tokens: int) -> None:
-        """Store one reply and count it as sent by this attempt, committed before this returns."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?)",
-                             (key, text, prompt_tokens, completion_tokens, time.time()))
-            self._count_sent(1)
+        """Store one reply (counted as sent by this attempt), committed before this returns."""
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?, ?, ?)",
+                             (key, text, prompt_tokens, completion_tokens, time.time(), self.attempt))
 
-    def count_sent(self, calls: int = 1) -> None:
-        """Count calls that were sent but brought no reply to keep (failures are paid for too, or may be)."""
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            self._count_sent(calls)
-
-    def _count_sent(self, calls: int) -> None:
-        if self.attempt is not None:
-            self._db.execute("UPDATE attempts SET sent = sent + ? WHERE id = ?", (calls, self.attempt))
+    def count_unanswered(self, calls: int = 1) -> None:
+        """Count calls this attempt sent that brought no reply to keep (a failure may be paid for too)."""
+        if self.attempt is None:
+            return
+        with self._lock:
+            self._db.execute("UPDATE attempts SET unanswered = unanswered + ? WHERE id = ?", (calls, self.attempt))
 
     def delete(self, keys: list[str]) -> None:
+        """Forget replies (a re-run asks them afresh); the attempts that paid for them still count them."""
         with self._lock, self._db:
             self._db.execute("BEGIN")
-            self._db.executemany("DELETE FROM replies WHERE key = ?", [(key,) for key in keys])
+            for start in range(0, len(keys), 500):
+                chunk = keys[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                paid = self._db.execute(f"SELECT attempt, COUNT(*) FROM replies WHERE key IN ({marks}) "
+                                        "AND attempt IS NOT NULL GROUP BY attempt", chunk).fetchall()
+                self._db.executemany("UPDATE attempts SET unanswered = unanswered + ? WHERE id = ?",
+                                     [(count, attempt) for attempt, count in paid])
+                self._db.execute(f"DELETE FROM replies WHERE key IN ({marks})", chunk)
 
     # ------------------------------------------------------------------ attempts at the run
 
@@ -161,7 +169,9 @@ class Cache:
 
     def attempts(self) -> list[dict[str, Any]]:
         """Every attempt at this run, oldest first: id, started, ended (None if killed), sent, status."""
-        rows = self._db.execute("SELECT id, started, ended, sent, status FROM attempts ORDER BY id")
+        rows = self._db.execute(
+            "SELECT id, started, ended, unanswered + (SELECT COUNT(*) FROM replies WHERE attempt = attempts.id), "
+            "status FROM attempts ORDER BY id")
         return [{"id": id_, "started": started, "ended": ended, "sent": sent, "status": status}
                 for id_, started, ended, sent, status in rows]
 

@@ -189,7 +189,7 @@ class ModelClient:
                         self._cache.put(keys[i], completion.text, completion.prompt_tokens,
                                         completion.completion_tokens)
                     else:
-                        self._cache.count_sent()
+                        self._cache.count_unanswered()
                 self.stats.prompt_tokens += completion.prompt_tokens
                 self.stats.completion_tokens += completion.completion_tokens
                 bar.advance(completion)
