@@ -1,10 +1,12 @@
 """The dataset card (README.md on the Hub): YAML metadata the Hub reads, then what made the data and how
 it was filtered.
 
-Metadata: license, task_categories, tags, size_categories, pretty_name and `configs` (one per trainer format,
-with its data files). The body: the formats and how each trainer loads them; models, backends, sampling and
-prompt template hashes; the pipeline YAML and the command to reproduce; the row funnel with drop reasons;
-human vs synthetic counts; agreement with the human labels before/after filtering; score histograms (PNG
+Metadata: language, license (+ license_name/license_link for `other`), task_categories, tags and
+size_categories (both from the rows and formats pushed), source_datasets (the `hf:` inputs), pretty_name and
+`configs` (one per trainer format, with its data files). The body: where the input data came from (a Hub id or
+a file name, never a local path) with its declared license; the formats and how each trainer loads them;
+models, backends, sampling and prompt template hashes; the pipeline YAML and the command to reproduce; the row
+funnel with drop reasons; human vs synthetic counts; agreement with the human labels before/after filtering; score histograms (PNG
 files uploaded beside the card, under `assets/`); and a few example rows.
 """
 
@@ -21,7 +23,9 @@ import polars as pl
 from . import __version__
 from .trainer_formats import USAGE
 
-TAGS = ["selfalign", "preference", "reward-modeling", "rlhf", "dpo", "critic-rm", "synthetic"]
+TAGS = ["selfalign", "preference"]  # true of every push; tags() adds the ones the pushed data supports
+PAIR_TAGS = ["reward-modeling", "rlhf", "dpo"]
+CRITIQUE_FORMATS = {"critic-rm", "cloud", "critique-sft"}
 TASK_CATEGORIES = ["text-generation", "text-classification"]
 HISTOGRAMS = {"scores": "assets/scores.png", "margin": "assets/margin.png"}
 
@@ -42,6 +46,11 @@ class CardInputs:
     stages: list[Any] | None = None             # validated stage configs, when the pipeline loads
     critique_scores: pl.DataFrame | None = None  # every critique before filtering: target, score
     license: str = "other"
+    license_name: str | None = None             # the Hub's id for a license that is `other`
+    license_link: str | None = None             # "LICENSE" (a file in the repo) or a URL
+    language: list[str] = field(default_factory=list)  # ISO 639 codes, as the user declared them
+    # One per load stage: {"kind": "hf" | "file" | "folder", "name": Hub id or file name, "license", "attribution"}.
+    sources: list[dict[str, Any]] | None = None
     repo_id: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -67,16 +76,49 @@ def configs_metadata(formats: dict[str, dict[str, int]], default_format: str | N
     return configs
 
 
+def source_counts(inputs: CardInputs) -> dict[str, int]:
+    """Pushed pairs by their `source` column (human / synthetic / ...), over every split; {} without one."""
+    parts = [part for part in inputs.splits.values() if "source" in part.columns]
+    if not parts:
+        return {}
+    return dict(pl.concat([part.select("source") for part in parts]).group_by("source").len().sort("source").rows())
+
+
+def tags(inputs: CardInputs) -> list[str]:
+    """Tags the pushed data bears out: `synthetic` only when some pushed pair was made by a model (a
+    `source` other than human), `critic-rm` only when a critique format was pushed."""
+    found = list(TAGS)
+    if set(inputs.formats) - CRITIQUE_FORMATS:
+        found += PAIR_TAGS
+    if set(inputs.formats) & CRITIQUE_FORMATS:
+        found.append("critic-rm")
+    if any(source != "human" for source in source_counts(inputs)):
+        found.append("synthetic")
+    return found
+
+
 def metadata(inputs: CardInputs, existing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Card metadata. `existing` (what push_to_hub wrote: `configs`, `dataset_info`) is kept as it is."""
+    """Card metadata. `existing` (`configs`, `dataset_info` of the repo, merged by the caller) is kept as it is."""
     data = dict(existing or {})
+    # The size is the largest pushed config's row count (critique-sft has a row per critique, not per pair).
+    pushed_rows = max((sum(splits.values()) for splits in inputs.formats.values()), default=0)
     data.update({
         "license": inputs.license,
         "task_categories": TASK_CATEGORIES,
-        "tags": TAGS,
-        "size_categories": [size_category(inputs.frame.height)],
+        "tags": tags(inputs),
+        "size_categories": [size_category(pushed_rows)],
         "pretty_name": inputs.name,
     })
+    if inputs.language:
+        data["language"] = list(inputs.language)
+    if inputs.license == "other":
+        # The Hub asks for an id (and a link) when the license is not one of its list.
+        data["license_name"] = inputs.license_name or "unspecified"
+        if inputs.license_link:
+            data["license_link"] = inputs.license_link
+    hub_sources = [s["name"] for s in inputs.sources or [] if s["kind"] == "hf"]
+    if hub_sources:
+        data["source_datasets"] = hub_sources
     if not data.get("configs"):
         data["configs"] = configs_metadata(inputs.formats, inputs.default_format)
     return data
@@ -253,7 +295,8 @@ def _made_section(inputs: CardInputs) -> str:
     limit = manifest.get("limit")
     command = "selfalign run pipeline.yaml" + (f" --limit {limit}" if limit else "")
     parts += ["### Reproduce", f"With selfalign {manifest.get('selfalign_version', __version__)} installed, the "
-              "pipeline file above saved as `pipeline.yaml` and its input data at the paths it names:",
+              "pipeline file above saved as `pipeline.yaml` and its input data beside it (local paths are shown "
+              "by file name only):",
               _fence(command, "bash"),
               "Every model call is cached in the run directory; with the same models, sampling seeds and "
               "templates (hashes above) the run is repeatable."]
@@ -356,14 +399,53 @@ def _examples_section(inputs: CardInputs, count: int = 3) -> str:
     return "\n\n".join(parts)
 
 
+def _data_source_section(inputs: CardInputs) -> str:
+    """Where the input rows came from and under what terms, as declared by the user (never a local path)."""
+    parts = ["## Source data and license"]
+    if inputs.sources is None:
+        parts.append("The pipeline file was not available, so the input data's source is not recorded here.")
+    elif inputs.sources:
+        rows = []
+        for source in inputs.sources:
+            if source["kind"] == "hf":
+                where = f"[{source['name']}](https://huggingface.co/datasets/{source['name']}) (Hub dataset)"
+            else:
+                where = f"`{source['name']}` (a local {source['kind']}, named without its path)"
+            rows.append([where, source.get("license") or "not declared", source.get("attribution") or "-"])
+        parts.append(_table(["input", "license", "attribution"], rows))
+        if any(not source.get("license") for source in inputs.sources):
+            parts.append("The input data's license was not declared: check its terms before sharing this dataset "
+                         "(declare it with `source_license:` / `source_attribution:` under the publish stage's "
+                         "`hub:`, or `selfalign push --source-license ... --source-attribution ...`).")
+    if inputs.license != "other":
+        parts.append(f"This dataset's license: `{inputs.license}`.")
+    elif inputs.license_name:
+        link = f", see {inputs.license_link}" if inputs.license_link else ""
+        parts.append(f"This dataset's license: `{inputs.license_name}` (not one of the Hub's list{link}).")
+    else:
+        parts.append("No license was declared for this dataset (`license: other`, `license_name: unspecified`).")
+    parts.append("The critiques, scores and any generated answers were written by the model(s) below; their terms "
+                 "of use may apply too.")
+    return "\n\n".join(parts)
+
+
 def card_body(inputs: CardInputs, images: dict[str, str]) -> str:
-    human = inputs.frame.filter(pl.col("source") == "human").height if "source" in inputs.frame.columns else None
-    intro = (f"# {inputs.name}\n\nA preference dataset of {inputs.frame.height} pairs"
-             + (f" ({human} human-labelled, {inputs.frame.height - human} synthetic)" if human is not None else "")
-             + ", made by selfalign: a model wrote scored critiques of each "
-             "answer (Critic-RM, arXiv 2411.16646), and only pairs and critiques that agree with the human labels "
-             "were kept.")
-    sections = [intro, _formats_section(inputs), _made_section(inputs), _funnel_section(inputs),
+    counts = source_counts(inputs)
+    pairs = sum(part.height for part in inputs.splits.values())
+    kinds = {entry.get("kind") for entry in inputs.manifest.get("rows") or []}
+    intro = f"# {inputs.name}\n\nA preference dataset of {pairs} pairs"
+    if counts:
+        intro += " (" + ", ".join(f"{n} {'human-labelled' if source == 'human' else source}"
+                                  for source, n in counts.items()) + ")"
+    intro += ", made by selfalign"
+    # Say only what this pipeline did: a pairs-only run has no critiques and filtered nothing by them.
+    if "critique" in kinds:
+        intro += ": a model wrote scored critiques of each answer (Critic-RM, arXiv 2411.16646)"
+        if "consistency" in kinds:
+            intro += ", and only pairs and critiques that agree with the human labels were kept"
+    intro += "."
+    sections = [intro, _data_source_section(inputs), _formats_section(inputs), _made_section(inputs),
+                _funnel_section(inputs),
                 _sources_section(inputs), _agreement_section(inputs), _scores_section(inputs, images),
                 _examples_section(inputs)]
     return "\n\n".join(s for s in sections if s) + "\n"

@@ -387,3 +387,23 @@ def test_fake_hub_basics() -> None:
     finally:
         hub.stop()
     assert os.environ.get("HF_ENDPOINT", "") != url
+
+
+def test_failure_switch_makes_a_route_fail_until_cleared(hub_clients: FakeHub) -> None:
+    """hub.fail(route, status, message) answers that route with the error; the clients see it as the Hub's."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hub = hub_clients
+    api = HfApi(token=hub.token)
+    api.create_repo("test-user/flaky", repo_type="dataset")
+    hub.fail("commit", 422, "Your push was rejected (injected)")
+    with pytest.raises(HfHubHTTPError) as exc:
+        api.create_commit("test-user/flaky", [CommitOperationAdd("a.txt", b"a")], commit_message="a",
+                          repo_type="dataset")
+    assert exc.value.response.status_code == 422 and "injected" in str(exc.value)
+    assert [r.route for r in hub.injected] == ["commit"]
+    assert set(hub.repos["test-user/flaky"]["files"]) == {".gitattributes"}  # nothing was committed
+    hub.clear_failures()
+    api.create_commit("test-user/flaky", [CommitOperationAdd("a.txt", b"a")], commit_message="a", repo_type="dataset")
+    assert hub.file("test-user/flaky", "a.txt") == b"a"

@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from selfalign.config import load_pipeline
 from selfalign.errors import SelfalignError
-from selfalign.publish import PublishError, add_cli, export_run, load_run, push_run, run_splits
+from selfalign.publish import CardOptions, PublishError, add_cli, export_run, load_run, push_run, run_splits, write_card
 from selfalign.runner import run_pipeline
 from selfalign.trainer_formats import FORMAT_NAMES
 
@@ -32,6 +33,7 @@ except ImportError:  # tests/ is not a package on sys.path
 HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test-1500.jsonl.gz"
 TOKEN = "hf_test_publish_secret_token_5f2a9c"
 REPO = "test-user/critic-prefs"
+EN = CardOptions(language=["en"])  # the push requires the card to state the data's language
 
 CRITIC_RM = """\
 schema_version: 1
@@ -147,7 +149,13 @@ def test_cli_arguments():
     parser = argparse.ArgumentParser()
     add_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["push", "outputs/x", "--repo", "me/x"])
-    assert args.private is True and args.format is None and args.license == "other"
+    # None: the pipeline's publish stage (if any) or CardOptions' defaults decide.
+    assert args.private is True and args.format is None and args.license is None and args.language is None
+    args = parser.parse_args(["push", "outputs/x", "--repo", "me/x", "--language", "en", "--language", "de",
+                              "--license", "other", "--license-name", "my-license-1.0", "--license-link", "LICENSE",
+                              "--source-license", "mit", "--source-attribution", "Anthropic HH-RLHF"])
+    assert (args.language, args.license, args.license_name, args.license_link, args.source_license,
+            args.source_attribution) == (["en", "de"], "other", "my-license-1.0", "LICENSE", "mit", "Anthropic HH-RLHF")
     args = parser.parse_args(["push", "outputs/x", "--repo", "me/x", "--public", "--format", "trl", "--format",
                               "openrlhf"])
     assert args.private is False and args.format == ["trl", "openrlhf"]
@@ -203,13 +211,20 @@ def test_push_creates_a_private_repo_that_loads_in_every_consumer(critic_run, tm
     caplog.set_level(logging.DEBUG)
     with FakeHub(token=TOKEN) as hub:
         # HF_TOKEN in the environment, as a user would have it; selfalign passes token=None to the clients.
+        # patch_hub_clients also sets HF_HUB_DISABLE_XET=1 (here and in every push test): the stand-in speaks the
+        # classic LFS upload, not Xet, the real client's default. That is for the stand-in only; selfalign itself
+        # never sets it, so against the real Hub its pushes go through Xet.
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
-        assert cli(["push", str(critic_run), "--repo", REPO]) == 0
+        assert cli(["push", str(critic_run), "--repo", REPO, "--language", "en", "--source-license", "mit",
+                    "--source-attribution", "Anthropic HH-RLHF (Bai et al. 2022)"]) == 0
         captured = capsys.readouterr()
         assert f"pushed {REPO} (private)" in captured.out
 
         repo = hub.repos[REPO]
         assert repo["private"] is True
+        # One commit holds every file: the repo never shows a half-pushed state.
+        assert repo["commits"] == ["selfalign: critic-rm-hh", "initial commit"]
+        assert len(hub.requests_to("commit")) == 1
         files = repo["files"]
         expected = {f"{fmt}/{split}-00000-of-00001.parquet" for fmt in FORMAT_NAMES for split in ("train", "test")}
         expected |= {"README.md", "assets/scores.png", "assets/margin.png", "dataset_info.json",
@@ -220,12 +235,21 @@ def test_push_creates_a_private_repo_that_loads_in_every_consumer(critic_run, tm
         assert writes and all(r.auth == "valid" for r in writes)
         assert hub.unhandled == [] and hub.problems == []
 
-        # The card: metadata the Hub's client parses, configs as push_to_hub wrote them, and the body.
+        # The card: metadata the Hub's client parses, field by field, configs as push_to_hub writes them, the body.
         readme = files["README.md"].decode()
         card = DatasetCard(readme)
         data = card.data.to_dict()
-        assert data["license"] == "other" and "text-classification" in data["task_categories"]
-        assert data["size_categories"] == ["n<1K"] and "selfalign" in data["tags"]
+        assert data["language"] == ["en"]
+        assert data["license"] == "other" and data["license_name"] == "unspecified" and "license_link" not in data
+        assert data["task_categories"] == ["text-generation", "text-classification"]
+        # Every pair is human-labelled (source column), so no `synthetic` tag; critique formats were pushed.
+        assert set(pl.read_parquet(critic_run / "stages" / "04-export.parquet")["source"]) == {"human"}
+        assert data["tags"] == ["selfalign", "preference", "reward-modeling", "rlhf", "dpo", "critic-rm"]
+        largest = max(sum(pl.read_parquet(critic_run / "export" / fmt / f"{s}.parquet").height
+                          for s in ("train", "test"))
+                      for fmt in FORMAT_NAMES)
+        assert largest < 1000 and data["size_categories"] == ["n<1K"]
+        assert data["pretty_name"] == "critic-rm-hh" and "source_datasets" not in data  # a local file, not an hf: id
         assert {c["config_name"] for c in data["configs"]} == set(FORMAT_NAMES)
         trl_config = next(c for c in data["configs"] if c["config_name"] == "trl")
         assert trl_config["default"] is True
@@ -237,11 +261,26 @@ def test_push_creates_a_private_repo_that_loads_in_every_consumer(critic_run, tm
                      "## Agreement with human labels", "100.0%", "![scores histogram](assets/scores.png)",
                      "### The pipeline", "kind: consistency", "selfalign run pipeline.yaml --limit 50",
                      manifest["config_sha256"], next(iter(manifest["templates"].values())), "## Examples",
-                     f'load_dataset("{REPO}", "trl")'):
+                     f'load_dataset("{REPO}", "trl")', "## Source data and license",
+                     f"| `{HH_DATA.name}` (a local file, named without its path) | mit | Anthropic HH-RLHF (Bai et al. "
+                     "2022) |", "No license was declared for this dataset", "(18 human-labelled)"):
             assert text in readme, text
+        assert "synthetic)" not in readme
         before = manifest["rows"][2]["metrics"]["agreement_with_human_before"]
         assert f"{100 * before:.1f}%" in readme
-        assert files["selfalign/pipeline.yaml"] == (critic_run.parent / "pipeline.yaml").read_bytes()
+        # The pipeline as the run used it, its input path cut to the file name.
+        original = (critic_run.parent / "pipeline.yaml").read_text()
+        assert str(HH_DATA) in original
+        assert files["selfalign/pipeline.yaml"].decode() == original.replace(str(HH_DATA), HH_DATA.name)
+        assert json.loads(files["selfalign/manifest.json"])["pipeline_file"] == "pipeline.yaml"
+
+        # No local path reaches the Hub: not the data's directory, the run's or tmp directory, nor the home directory.
+        local = {str(HH_DATA.parent), str(critic_run), str(critic_run.parent), str(tmp_path), str(Path.home()),
+                 tempfile.gettempdir() + "/", str(Path.cwd())}
+        for path, content in files.items():
+            if path.endswith((".md", ".json", ".yaml", ".gitattributes")):
+                leaked = [root for root in local if root in content.decode()]
+                assert not leaked, (path, leaked)
 
         # The token is nowhere: not in the repo, the run directory, HF_HOME, the output or the logs.
         secret = TOKEN.encode()
@@ -272,9 +311,14 @@ def test_push_creates_a_private_repo_that_loads_in_every_consumer(critic_run, tm
         cloud = datasets.load_from_disk(str(downloaded / "cloud"))["train"][0]
         assert cloud["chosen_feedback"] and isinstance(cloud["chosen_feedback"][0], str)
 
-        # Pushing again updates the same repo in place (new commits, same files).
-        assert push_run(critic_run, REPO, formats=["trl"], log=lambda _: None)["configs"]["trl"]
+        # Pushing again updates the same repo in place (one new commit, same files, the other configs kept).
+        assert push_run(critic_run, REPO, formats=["trl"], options=EN, log=lambda _: None)["configs"]["trl"]
         assert set(hub.repos[REPO]["files"]) == expected
+        assert len(hub.repos[REPO]["commits"]) == 3
+        again = DatasetCard(hub.repos[REPO]["files"]["README.md"].decode()).data.to_dict()
+        assert {c["config_name"] for c in again["configs"]} == set(FORMAT_NAMES)
+        assert {i["config_name"] for i in again["dataset_info"]} == set(FORMAT_NAMES)
+        assert again["tags"] == ["selfalign", "preference", "reward-modeling", "rlhf", "dpo"]  # only trl this time
 
 
 def test_push_never_changes_an_existing_repos_visibility(critic_run, tmp_path, monkeypatch):
@@ -283,9 +327,9 @@ def test_push_never_changes_an_existing_repos_visibility(critic_run, tmp_path, m
         hub.add_repo("test-user/open", files={"notes.txt": b"hi"}, private=False)
         before = hub.repos["test-user/open"]["sha"]
         with pytest.raises(PublishError, match="already exists and is public; pass --public"):
-            push_run(critic_run, "test-user/open", formats=["trl"], log=lambda _: None)
+            push_run(critic_run, "test-user/open", formats=["trl"], options=EN, log=lambda _: None)
         assert hub.repos["test-user/open"]["sha"] == before and hub.repos["test-user/open"]["private"] is False
-        result = push_run(critic_run, "test-user/open", private=False, formats=["trl"], log=lambda _: None)
+        result = push_run(critic_run, "test-user/open", private=False, formats=["trl"], options=EN, log=lambda _: None)
         assert result["private"] is False and hub.repos["test-user/open"]["private"] is False
 
 
@@ -294,11 +338,11 @@ def test_a_rejected_token_is_reported_without_the_token(critic_run, tmp_path, mo
     caplog.set_level(logging.DEBUG)
     with FakeHub(token=TOKEN) as hub:
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=wrong)
-        assert cli(["push", str(critic_run), "--repo", REPO, "--format", "trl"]) == 2
+        assert cli(["push", str(critic_run), "--repo", REPO, "--format", "trl", "--language", "en"]) == 2
         err = capsys.readouterr().err
         assert "rejected the token (401); set HF_TOKEN to a valid write token or run `hf auth login`" in err
         with pytest.raises(PublishError) as raised:
-            push_run(critic_run, REPO, formats=["trl"], token=wrong, log=lambda _: None)
+            push_run(critic_run, REPO, formats=["trl"], token=wrong, options=EN, log=lambda _: None)
         assert REPO not in hub.repos
     assert wrong not in err + str(raised.value) + caplog.text
 
@@ -307,8 +351,104 @@ def test_push_without_any_token_says_how_to_log_in(critic_run, tmp_path, monkeyp
     with FakeHub(token=TOKEN) as hub:
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=None)
         with pytest.raises(PublishError, match="no Hugging Face token found; set HF_TOKEN .* `hf auth login`"):
-            push_run(critic_run, REPO, log=lambda _: None)
+            push_run(critic_run, REPO, options=EN, log=lambda _: None)
         assert hub.repos == {}
+
+
+def test_a_push_that_fails_midway_leaves_no_repo_behind(critic_run, tmp_path, monkeypatch):
+    """The stand-in refuses the LFS upload of the parquet files (after the repo was created): the repo this push
+    created is deleted, and the error names the step that failed and what became of the repo."""
+    with FakeHub(token=TOKEN) as hub:
+        patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
+        hub.fail("lfs-upload", 403, "Request has expired")
+        with pytest.raises(PublishError) as raised:
+            push_run(critic_run, REPO, options=EN, log=lambda _: None)
+        message = str(raised.value)
+        assert f"uploading and committing 20 files to {REPO} failed:" in message, message
+        assert "the repo this push had created was deleted, so nothing is left on the Hub" in message
+        assert "Request has expired" in message and TOKEN not in message
+        assert [r.route for r in hub.requests if r.route in ("create-repo", "delete-repo")] == ["create-repo",
+                                                                                                "delete-repo"]
+        assert hub.injected and REPO not in hub.repos
+
+        # The commit itself refused, and the clean-up refused too: the error says where to delete it by hand.
+        hub.clear_failures()
+        hub.fail("commit", 422, "Your push was rejected")
+        hub.fail("delete-repo", 403, "You don't have the rights to delete this repo")
+        with pytest.raises(PublishError) as raised:
+            push_run(critic_run, REPO, formats=["trl"], options=EN, log=lambda _: None)
+        message = str(raised.value)
+        assert f"uploading and committing 7 files to {REPO} failed: the Hub at {hub.url} refused the push to " \
+            f"{REPO} (422)" in message and "the Hub said: Your push was rejected" in message
+        assert f"the repo this push created could not be deleted" in message
+        assert f"delete it at {hub.url}/datasets/{REPO}/settings" in message
+        assert set(hub.repos[REPO]["files"]) == {".gitattributes"}
+
+
+def test_a_failed_push_leaves_an_existing_repo_as_it_was(critic_run, tmp_path, monkeypatch):
+    with FakeHub(token=TOKEN) as hub:
+        patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
+        hub.add_repo(REPO, files={"notes.txt": b"mine"}, private=True)
+        before = hub.repos[REPO]
+        hub.fail("commit", 422, "Your push was rejected")
+        with pytest.raises(PublishError) as raised:
+            push_run(critic_run, REPO, formats=["trl"], options=EN, log=lambda _: None)
+        assert f"{REPO} is as it was before this push (nothing was committed)" in str(raised.value)
+        assert "committing" in str(raised.value)
+        assert hub.repos[REPO] == before and not hub.requests_to("delete-repo")
+
+        # A create_repo that fails names that step, and nothing is left.
+        hub.fail("create-repo", 403, "You don't have the rights to create a repo under this namespace")
+        with pytest.raises(PublishError, match="creating test-user/new failed: the token may not write"):
+            push_run(critic_run, "test-user/new", formats=["trl"], options=EN, log=lambda _: None)
+        assert "test-user/new" not in hub.repos
+
+
+def test_the_card_needs_a_language_and_checks_what_it_is_given(critic_run, tmp_path, monkeypatch):
+    with FakeHub(token=TOKEN) as hub:
+        patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
+        with pytest.raises(PublishError, match=r"needs the data's language: add `language: \[en\]`.*--language en"):
+            push_run(critic_run, REPO, log=lambda _: None)
+        with pytest.raises(PublishError, match="'English' is not an ISO 639 code|\\['English'\\] is not an ISO 639"):
+            push_run(critic_run, REPO, options=CardOptions(language=["English"]), log=lambda _: None)
+        with pytest.raises(PublishError, match="describe a license that is `other`, not 'mit'"):
+            push_run(critic_run, REPO, options=CardOptions(language=["en"], license="mit", license_name="x"),
+                     log=lambda _: None)
+        assert hub.repos == {} and not hub.requests  # refused before any request
+
+
+def test_card_metadata_follows_the_rows_and_declared_licenses(critic_run, pairs_run, tmp_path):
+    """Without a Hub: the card write_card renders, parsed with DatasetCard, for declared licenses, a pairs-only
+    run, synthetic rows and an `hf:` source."""
+    from huggingface_hub import DatasetCard
+
+    def card(run, directory, options, formats=None):
+        text = write_card(run, tmp_path / directory, formats=formats, options=options).read_text()
+        return text, DatasetCard(text).data.to_dict()
+
+    declared = CardOptions(language=["en", "de"], license="other", license_name="my-license-1.0",
+                           license_link="LICENSE", source_license="mit", source_attribution="Anthropic")
+    text, data = card(load_run(pairs_run), "pairs", declared)
+    assert (data["language"], data["license"], data["license_name"], data["license_link"]) == \
+        (["en", "de"], "other", "my-license-1.0", "LICENSE")
+    assert data["tags"] == ["selfalign", "preference", "reward-modeling", "rlhf", "dpo"]  # no critiques, all human
+    assert "made by selfalign." in text and "critiques" not in text.split("\n\n")[2]  # the intro claims none
+    assert "This dataset's license: `my-license-1.0` (not one of the Hub's list, see LICENSE)." in text
+
+    run = load_run(critic_run)
+    run.frame = run.frame.with_columns(source=pl.when(pl.int_range(pl.len()) < 5).then(pl.lit("synthetic"))
+                                       .otherwise(pl.col("source")))
+    text, data = card(run, "mixed", CardOptions(language=["en"], license="cc-by-4.0"), formats=["trl", "cloud"])
+    assert data["license"] == "cc-by-4.0" and "license_name" not in data
+    assert data["tags"][-2:] == ["critic-rm", "synthetic"]
+    assert "13 human-labelled, 5 synthetic" in text and "| synthetic | 5 |" in text
+    assert "The input data's license was not declared" in text
+
+    run.loaded.pipeline.stages[0] = run.loaded.pipeline.stages[0].model_copy(update={"path": None,
+                                                                                      "hf": "Anthropic/hh-rlhf"})
+    text, data = card(run, "hf", EN, formats=["trl"])
+    assert data["source_datasets"] == ["Anthropic/hh-rlhf"]
+    assert "[Anthropic/hh-rlhf](https://huggingface.co/datasets/Anthropic/hh-rlhf) (Hub dataset)" in text
 
 
 def test_publish_stage_pushes_the_rows_at_the_end_of_a_run(critic_run, tmp_path, monkeypatch):
@@ -319,7 +459,8 @@ def test_publish_stage_pushes_the_rows_at_the_end_of_a_run(critic_run, tmp_path,
 
     loaded = load_pipeline(critic_run.parent / "pipeline.yaml")
     df = pl.read_parquet(critic_run / "stages" / "04-export.parquet")
-    config = PublishConfig(kind="publish", formats=["trl", "critic-rm"], hub={"repo": "test-user/from-stage"})
+    config = PublishConfig(kind="publish", formats=["trl", "critic-rm"],
+                           hub={"repo": "test-user/from-stage", "language": ["en"]})
     assert config.hub.private is True and config.needs() >= {"chosen_critiques", "prompt"}
     with FakeHub(token=TOKEN) as hub:
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
@@ -336,7 +477,8 @@ def test_publish_stage_pushes_the_rows_at_the_end_of_a_run(critic_run, tmp_path,
         assert "| 2 | consistency | 50 |" in readme  # the funnel so far, recounted from the stage files
         if "publish" in STAGES:  # once registered, the same from the pipeline file
             text = (critic_run.parent / "pipeline.yaml").read_text() + (
-                "  - kind: publish\n    formats: [trl]\n    hub: {repo: test-user/from-yaml, private: true}\n")
+                "  - kind: publish\n    formats: [trl]\n"
+                "    hub: {repo: test-user/from-yaml, private: true, language: [en]}\n")
             (tmp_path / "with_publish.yaml").write_text(text)
             manifest = run_pipeline(load_pipeline(tmp_path / "with_publish.yaml"), output=tmp_path / "run",
                                     limit=50, quiet=True)
@@ -355,7 +497,7 @@ def test_trl_reward_trainer_runs_on_rows_downloaded_from_the_hub(critic_run, tmp
 
     with FakeHub(token=TOKEN) as hub:
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
-        push_run(critic_run, REPO, formats=["trl", "trl-implicit"], log=lambda _: None)
+        push_run(critic_run, REPO, formats=["trl", "trl-implicit"], options=EN, log=lambda _: None)
         load_in_fresh_process(hub, REPO, tmp_path / "downloaded", tmp_path / "load_home",
                               formats=("trl", "trl-implicit"))
     explicit = datasets.load_from_disk(str(tmp_path / "downloaded" / "trl"))["train"].to_list()

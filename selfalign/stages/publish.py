@@ -3,12 +3,15 @@
 ```yaml
   - kind: publish
     formats: [trl, openrlhf, critic-rm]   # default: every format the rows support
-    hub: {repo: my-org/my-prefs, private: true}
+    hub: {repo: my-org/my-prefs, private: true, language: [en],
+          source_license: mit, source_attribution: "Anthropic HH-RLHF (Bai et al. 2022)"}
 ```
 
-Each format becomes a `datasets` config, then the dataset card, its histograms and the pipeline go up in one
-more commit. The token comes from `HF_TOKEN` or the `huggingface_hub` login, never from the YAML. The split
-is the preceding export stage's (same prompt hash and test_size) unless `test_size` is given here.
+Each format becomes a `datasets` config; the configs, the dataset card, its histograms and the pipeline go up
+in one commit (a failed push deletes a repo it created). `language:` is required to push (the card must say
+it); the licenses are what the card declares. The token comes from `HF_TOKEN` or the `huggingface_hub` login,
+never from the YAML. The split is the preceding export stage's (same prompt hash and test_size) unless
+`test_size` is given here.
 """
 
 from __future__ import annotations
@@ -30,6 +33,17 @@ class HubTarget(Strict):
                       description="dataset repo id, NAMESPACE/NAME")
     private: bool = Field(True, description="create the repo private (the default); false to make it public")
     license: str = Field("other", description="license in the card metadata, e.g. mit, apache-2.0, cc-by-4.0")
+    # Optional here so that `selfalign validate` accepts a publish stage without them; the push itself refuses
+    # (before creating anything) when `language` is missing, and says how to add it.
+    license_name: str | None = Field(None, description="with license: other, an id for it, e.g. my-license-1.0")
+    license_link: str | None = Field(None, description="with license: other, LICENSE (a file in the repo) or a URL")
+    language: list[str] | None = Field(None, description="language(s) of the data, ISO 639 codes, e.g. [en]")
+    source_license: str | None = Field(None, description="license of the input data, e.g. mit")
+    source_attribution: str | None = Field(None, description="credit for the input data, e.g. its authors and paper")
+
+    def card_options(self) -> dict[str, Any]:
+        """The fields `publish.CardOptions` takes, as declared (unset ones left out)."""
+        return self.model_dump(exclude={"repo", "private"}, exclude_none=True)
 
 
 class PublishConfig(StageConfig):
@@ -112,7 +126,7 @@ def _file_matches(ctx) -> bool | None:
 
 
 def run(df: pl.DataFrame, config: PublishConfig, ctx) -> StageOutput:
-    from ..publish import Run, push_frames, run_splits
+    from ..publish import CardOptions, Run, push_frames, run_splits
 
     index = _stage_index(config, ctx)
     manifest = provisional_manifest(ctx, index, df)
@@ -127,6 +141,6 @@ def run(df: pl.DataFrame, config: PublishConfig, ctx) -> StageOutput:
     else:
         splits = run_splits(publish_run)
     result = push_frames(publish_run, config.hub.repo, private=config.hub.private, formats=config.formats,
-                         license=config.hub.license, splits=splits, log=ctx.progress.log)
+                         options=CardOptions(**config.hub.card_options()), splits=splits, log=ctx.progress.log)
     return StageOutput(df, metrics={"published": {"repo": result["repo_id"], "private": result["private"],
                                                   "configs": result["configs"]}})

@@ -50,6 +50,11 @@ Endpoints implemented (paths as sent by huggingface_hub 2.x / datasets 5.x;
   :attr:`FakeHub.problems`).
 
 Anything else gets a 404 and is recorded in :attr:`FakeHub.unhandled`.
+
+Failures on purpose: ``hub.fail("lfs-upload", 403, "Request has expired")`` makes every request to that route
+(the names in :attr:`RecordedRequest.route`: "create-repo", "commit", "lfs-upload", "delete-repo", ...) answer
+that error until :meth:`FakeHub.clear_failures`; each one is recorded in :attr:`FakeHub.injected`. Pick a status
+the client does not retry (not 408/429/5xx) unless the test wants to sit through its backoff.
 """
 
 from __future__ import annotations
@@ -256,6 +261,8 @@ class FakeHub:
         self.requests: list[RecordedRequest] = []
         self.unhandled: list[RecordedRequest] = []
         self.problems: list[str] = []  # server-side complaints (bad payloads, xet attempts, ...)
+        self.injected: list[RecordedRequest] = []  # requests answered with a failure set by fail()
+        self._failures: dict[str, tuple[int, str]] = {}  # route -> (status, message)
         self._repos: dict[tuple[str, str], Repo] = {}
         self._uploads: dict[str, tuple[str, str, str, int]] = {}  # upload id -> (type, repo_id, sha256, size)
         self._lock = threading.RLock()
@@ -300,6 +307,15 @@ class FakeHub:
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def fail(self, route: str, status: int = 500, message: str = "FakeHub: failure injected by the test") -> None:
+        """Answer every request to `route` with `status` and `message` (the Hub's error headers) from now on."""
+        with self._lock:
+            self._failures[route] = (status, message)
+
+    def clear_failures(self) -> None:
+        with self._lock:
+            self._failures.clear()
 
     # ------------------------------------------------------------------------------ client helpers
 
@@ -677,6 +693,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, name: str, handler: Any, *args: Any) -> None:
         self.record.route = name
         with self.fake_hub._lock:
+            failure = self.fake_hub._failures.get(name)
+            if failure is not None:
+                self.fake_hub.injected.append(self.record)
+                raise HubError(*failure)
             handler(*args)
 
     # -- request body helpers ---------------------------------------------------------------------
