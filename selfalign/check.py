@@ -76,6 +76,10 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
         columns |= stage.adds()
         if stage.kind == "export":
             _check_export_order(pipeline.stages, index, error)
+        if stage.kind == "publish" and not stage.hub.language:
+            # The push would refuse a card without it; say so now, before any model call is paid for.
+            error("the dataset card needs the data's language: add `language: [en]` (ISO 639 codes) under hub:",
+                  "hub")
     return errors
 
 

@@ -140,11 +140,16 @@ def test_set_cannot_create_a_model_by_one_field_but_can_add_a_whole_one(write_pi
     assert set(loaded.pipeline.models) == {"critic", "judge", "default"}
 
 
+def test_a_publish_stage_without_language_fails_validate(write_pipeline):
+    text = GOOD.replace("  - kind: export\n", "  - kind: export\n  - kind: publish\n    hub: {repo: me/prefs}\n")
+    assert "the dataset card needs the data's language: add `language: [en]`" in errors_of(write_pipeline(text))
+
+
 @pytest.mark.parametrize("old, new", [
     ("  critic: {backend: fake}", "  critic: {backend: vllm, model: m, enforce_eager: true}"),  # a bool field
     ("    samples: 2", "    samples: 2\n    sampling: {temperature: 1, max_tokens: 64}"),  # an int for a float
     ("  critic: {backend: fake}", "  critic: {backend: openai, base_url: 'https://api.example.com/v1/', model: m}"),
-    ("  - kind: export\n", "  - kind: export\n  - kind: publish\n    hub: {repo: me/prefs, private: false}\n"),
+    ("  - kind: export\n", "  - kind: export\n  - kind: publish\n    hub: {repo: me/prefs, private: false, language: [en]}\n"),
 ])
 def test_what_the_new_checks_must_still_accept(write_pipeline, old, new):
     assert old in GOOD

@@ -33,8 +33,8 @@ class HubTarget(Strict):
                       description="dataset repo id, NAMESPACE/NAME")
     private: bool = Field(True, description="create the repo private (the default); false to make it public")
     license: str = Field("other", description="license in the card metadata, e.g. mit, apache-2.0, cc-by-4.0")
-    # Optional here so that `selfalign validate` accepts a publish stage without them; the push itself refuses
-    # (before creating anything) when `language` is missing, and says how to add it.
+    # Optional in the schema so that the error can say how to add it: check.py refuses a publish stage without
+    # `language` before any model call (and `selfalign push` refuses one without --language).
     license_name: str | None = Field(None, description="with license: other, an id for it, e.g. my-license-1.0")
     license_link: str | None = Field(None, description="with license: other, LICENSE (a file in the repo) or a URL")
     language: list[str] | None = Field(None, description="language(s) of the data, ISO 639 codes, e.g. [en]")
