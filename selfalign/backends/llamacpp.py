@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import RunError
 from .base import Completion, OnResult, Request
+from .llamacpp_cpu import new_llama, params_for_this_cpu
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -37,15 +38,18 @@ def model_identity(model_path: str | None) -> dict:
 class LlamaCppBackend:
     def __init__(self, model_path: str | None = None, n_ctx: int = 2048, n_threads: int | None = None):
         try:
-            from llama_cpp import Llama
+            import llama_cpp  # noqa: F401  (checked here so a missing install is a readable error)
         except ImportError:
             raise RunError("llama-cpp-python is not installed; run: pip install 'selfalign[embedded]'") from None
         path = Path(model_path) if model_path else bundled_model_path()
         if not path.is_file():
             raise RunError(f"model file {path} not found; fix `model_path:` in the pipeline's models section")
         self.identity = model_identity(str(path))
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count() or 1,
-                         verbose=False)
+        # Params this CPU can execute: on a CPU that advertises AMX but cannot run it (some VMs) llama.cpp's
+        # AMX path would die with SIGILL on the first completion; see llamacpp_cpu.py.
+        self.model_params = params_for_this_cpu(path)
+        self.llm = new_llama(path, self.model_params, n_ctx=n_ctx, n_threads=n_threads or os.cpu_count() or 1,
+                             verbose=False)
 
     def _one(self, request: Request) -> Completion:
         sampling = request.sampling

@@ -217,6 +217,8 @@ def build_app(model: str, n_ctx: int, n_threads: int):
     import llama_cpp.server.app as server_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    from selfalign.backends.llamacpp_cpu import applied, check_applied, params_for_this_cpu
+
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-model")
 
     async def run_on_model_thread(func, *args, **kwargs):
@@ -238,9 +240,20 @@ def build_app(model: str, n_ctx: int, n_threads: int):
     server_settings = ServerSettings(host="127.0.0.1", port=0, interrupt_requests=False)
     model_settings = ModelSettings(model=model, model_alias="smollm2", n_ctx=n_ctx, n_threads=n_threads,
                                    n_threads_batch=n_threads, verbose=False)
+    # The same llama.cpp model params the product picks for this CPU (AMX off where the CPU advertises it but
+    # cannot execute it, else SIGILL on the first request). ModelSettings has no field for use_extra_bufts, and
+    # create_app constructs the Llama (LlamaProxy loads the default model at once), so construct it inside
+    # `applied`, then check the loaded model really got them.
+    params = params_for_this_cpu(Path(model))
+
+    def create_app():
+        with applied(params):
+            app = server_app.create_app(server_settings=server_settings, model_settings=[model_settings])
+        check_applied(server_app._llama_proxy._current_model, params)
+        return app
+
     # Load the model on the same thread that will run it.
-    app = executor.submit(server_app.create_app, server_settings=server_settings,
-                          model_settings=[model_settings]).result()
+    app = executor.submit(create_app).result()
     return app, executor
 
 
