@@ -165,7 +165,7 @@ def test_unknown_model_fails_the_preflight_with_did_you_mean(tmp_path, capsys):
         status, _ = run(pipeline(tmp_path, server.url, model="qwen2.5-7b-instruc"), tmp_path / "run")
     err = capsys.readouterr().err
     assert status == 2, err
-    assert "'qwen2.5-7b-instruc' is not served" in err and "did you mean 'qwen2.5-7b-instruct'" in err, err
+    assert "'qwen2.5-7b-instruc' is not served" in err and "Did you mean 'qwen2.5-7b-instruct'?" in err, err
     assert server.chat_requests == 1  # the one-token probe, nothing more
 
 

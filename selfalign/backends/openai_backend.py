@@ -256,11 +256,10 @@ class OpenAIBackend:
         response = client.post(self.base_url.rstrip("/") + CHAT_PATH, content=orjson.dumps(body),
                                headers={"Content-Type": "application/json"})
         if response.status_code == 404:
-            served = (f"; it serves {', '.join(map(repr, listed[:10]))}" +
-                      _did_you_mean(self.model, listed)) if listed else ""
+            served = f"; it serves {', '.join(map(repr, listed[:10]))}" if listed else ""
             raise RunError(f"{self.base_url}: model {self.model!r} is not served there (HTTP 404 on POST "
                            f"{CHAT_PATH}: {_server_message(response)}){served}. Fix the model's model name or "
-                           "base_url (it usually ends in /v1)")
+                           f"base_url (it usually ends in /v1){_did_you_mean(self.model, listed or [])}")
         # 401/403 stop here; 400, 429 and 5xx do not: they may be about this probe or passing, and the run's own
         # retries and its stop after repeated failures handle them with the real requests.
         self._refuse_on_status(response, f"POST {CHAT_PATH}")
@@ -461,7 +460,7 @@ def _server_message(response) -> str:
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f". Did you mean {close[0]!r}?" if close else ""
 
 
 def _short(exc: BaseException) -> str:
