@@ -21,7 +21,7 @@ from typing import Any
 import polars as pl
 
 from . import __version__
-from .trainer_formats import USAGE
+from .trainer_formats import LENGTHS_NOTE, MARGIN_FORMATS, MARGIN_NOTE, USAGE, length_rows
 
 TAGS = ["selfalign", "preference"]  # true of every push; tags() adds the ones the pushed data supports
 PAIR_TAGS = ["reward-modeling", "rlhf", "dpo"]
@@ -231,7 +231,17 @@ def _formats_section(inputs: CardInputs) -> str:
         _table(["config", "rows", "how to use"], rows),
         _fence(f'from datasets import load_dataset\n\nds = load_dataset("{repo}", "{first}")', "python"),
         "Train and test are split by a hash of the prompt: no prompt appears in both splits.",
+        *([MARGIN_NOTE] if set(MARGIN_FORMATS) & set(inputs.formats) else []),
     ])
+
+
+def _lengths_section(inputs: CardInputs) -> str:
+    """Row length percentiles per config, from the export stage's metrics (formats it did not export: none)."""
+    rows = length_rows(inputs.manifest, inputs.formats)
+    if not rows:
+        return ""
+    return "\n\n".join(["## Sequence lengths", LENGTHS_NOTE,
+                         _table(["config", "unit", "rows", "p50", "p90", "p99", "max"], rows)])
 
 
 def _sampling_rows(inputs: CardInputs) -> list[list[Any]]:
@@ -447,7 +457,7 @@ def card_body(inputs: CardInputs, images: dict[str, str]) -> str:
     sections = [intro, _data_source_section(inputs), _formats_section(inputs), _made_section(inputs),
                 _funnel_section(inputs),
                 _sources_section(inputs), _agreement_section(inputs), _scores_section(inputs, images),
-                _examples_section(inputs)]
+                _lengths_section(inputs), _examples_section(inputs)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 

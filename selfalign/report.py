@@ -252,6 +252,18 @@ def _agreement_html(manifest: dict[str, Any], table: pl.DataFrame) -> str:
     return "".join(parts)
 
 
+def _lengths_html(manifest: dict[str, Any]) -> str:
+    """Row length percentiles per exported format (the export stage's metrics), to choose max_length by."""
+    from .trainer_formats import LENGTHS_NOTE, length_rows
+
+    rows = length_rows(manifest)
+    if not rows:
+        return ""
+    note = re.sub(r"`([^`]*)`", r"<code>\1</code>", esc(LENGTHS_NOTE))
+    return f"<p>{note}</p>" + _table(["format", "unit", "rows", "p50", "p90", "p99", "max"], rows,
+                                     numeric={2, 3, 4, 5, 6})
+
+
 def _cost_html(manifest: dict[str, Any]) -> str:
     calls, tokens = manifest.get("model_calls") or {}, manifest.get("tokens") or {}
     rows = []
@@ -384,7 +396,7 @@ EXPLAIN = {
 
 NAV = {"summary": "Run", "funnel": "Funnel", "scores": "Scores", "agreement": "Agreement",
        "position_consistency": "Position consistency", "length_bias": "Length bias", "category": "Categories",
-       "cost": "Tokens & time", "samples": "Samples"}
+       "cost": "Tokens & time", "lengths": "Lengths", "samples": "Samples"}
 
 
 def _data_uri(path: Path) -> str:
@@ -402,6 +414,9 @@ def build_html(run: RunData, rendered: list[Plot]) -> str:
             body += f"<p class=note>{esc(plot.note)}</p>"
         body += plot.html
         sections.append((plot.name, plot.title, body))
+    lengths = _lengths_html(run.manifest)
+    if lengths:
+        sections.append(("lengths", "Sequence lengths", lengths))
     sections.append(("samples", "Sample pairs", _samples_html(run)))
     nav = "".join(f'<a href="#{sid}">{esc(NAV.get(sid, title))}</a>' for sid, title, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>' for sid, title, content in sections)

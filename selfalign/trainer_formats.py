@@ -7,20 +7,27 @@ prompt never appears in both train and test.
 
 | format | columns | consumer |
 | --- | --- | --- |
-| `trl` | `prompt` (messages), `chosen`/`rejected` ([assistant message]), `margin`, critiques, scores | TRL `RewardTrainer`/`DPOTrainer` (explicit prompt, conversational) |
-| `trl-implicit` | `chosen`/`rejected` (full conversations), `margin` | TRL (implicit prompt, conversational) |
-| `openrlhf` | `prompt` (messages), `chosen`/`rejected` ([assistant message]), `margin` | OpenRLHF `train_rm` with `--data.apply_chat_template --data.prompt_key prompt` |
+| `trl` | `prompt` (messages), `chosen`/`rejected` ([assistant message]), critiques, scores (+ `margin`) | TRL `RewardTrainer`/`DPOTrainer` (explicit prompt, conversational) |
+| `trl-implicit` | `chosen`/`rejected` (full conversations), scores (+ `margin`) | TRL (implicit prompt, conversational) |
+| `openrlhf` | `chosen`/`rejected` (full conversations) (+ `margin`) | OpenRLHF `train_rm` / `train_dpo` with `--data.apply_chat_template` (no prompt key) |
 | `llama-factory` | `conversations` ([{from, value}]), `chosen`/`rejected` ({from: gpt, value}) | LLaMA-Factory (`formatting: sharegpt`, `ranking: true`) |
 | `critic-rm` | pair + filtered critique texts and scores | joint critique + reward training (Critic-RM) |
 | `cloud` | pair + `chosen_feedback`/`rejected_feedback` (critique texts) | CLoud-style critique-out-loud reward models |
 | `critique-sft` | `messages` (critique prompt as user, critique JSON as assistant) | any chat SFT trainer (TRL `SFTTrainer`) |
+
+`margin` in `trl`, `trl-implicit` and `openrlhf` is opt-in (`margin:` on the export stage, see `MARGIN_MODES`):
+TRL's `RewardTrainer` puts a `margin` column into its loss whenever the column exists,
+`-logsigmoid(r_chosen - r_rejected - margin)`, so the critique score difference on a 1-10 scale would ask the
+reward model for a gap of several logits and start the loss near 5 instead of log 2. `llama-factory`, `critic-rm`
+and `cloud` keep the raw difference as data: their consumers do not read it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Literal
 
 import polars as pl
 
@@ -34,6 +41,18 @@ CritiquePrompt = Callable[[list[dict[str, str]], str, dict[str, Any]], list[dict
 PAIR = {"prompt", "chosen", "rejected"}
 CRITIQUES = {"chosen_critiques", "rejected_critiques"}
 PROVENANCE = ("source", "row_id")
+
+# What the `margin` column of the formats in MARGIN_FORMATS holds (the export stage's `margin:`).
+MarginMode = Literal["none", "raw", "scaled"]
+MARGIN_MODES: dict[str, str] = {
+    "none": "no `margin` column (the default): TRL's RewardTrainer then uses the plain pairwise loss",
+    "raw": "chosen score - rejected score, on the critique stage's score scale (up to 9 on 1-10)",
+    "scaled": "the raw difference divided by the score range (score_range high - low): in [0, 1] for pairs "
+              "whose scores agree with the label",
+}
+# Formats whose trainers put `margin` into the loss: TRL's RewardTrainer whenever the column exists, OpenRLHF's
+# train_rm with --model.margin_loss_enable.
+MARGIN_FORMATS = ("trl", "trl-implicit", "openrlhf")
 
 
 def _as_assistant_message(column: str) -> pl.Expr:
@@ -65,11 +84,20 @@ def _optional(df: pl.DataFrame, *columns: str) -> list[str]:
     return [c for c in columns if c in df.columns]
 
 
-def _margin(df: pl.DataFrame) -> list[pl.Expr]:
-    """A float `margin` for every row (TRL and OpenRLHF batch it as a tensor, so no nulls: 0.0 = no margin)."""
-    if "margin" not in df.columns:
+def _margin(df: pl.DataFrame, mode: MarginMode = "raw", score_range: tuple[float, float] | None = None) \
+        -> list[pl.Expr]:
+    """A float `margin` for every row (TRL and OpenRLHF batch it as a tensor, so no nulls: 0.0 = no margin),
+    or no column for mode "none"."""
+    if mode == "none" or "margin" not in df.columns:
         return []
-    return [pl.col("margin").cast(pl.Float64).fill_null(0.0).fill_nan(0.0).alias("margin")]
+    margin = pl.col("margin").cast(pl.Float64).fill_null(0.0).fill_nan(0.0)
+    if mode == "scaled":
+        if score_range is None:
+            raise ValueError("margin: scaled needs the score range of the stage that scored the answers "
+                             "(critique score_range or feedback reward_range); use margin: raw or none")
+        low, high = score_range
+        margin = margin / float(high - low)
+    return [margin.alias("margin")]
 
 
 def _scores(df: pl.DataFrame) -> list[pl.Expr]:
@@ -80,28 +108,33 @@ def _provenance(df: pl.DataFrame) -> list[pl.Expr]:
     return [pl.col(c) for c in _optional(df, *PROVENANCE)]
 
 
-def to_trl(df: pl.DataFrame) -> pl.DataFrame:
-    """TRL conversational preference data with explicit prompt (+ `margin`, critiques and scores when present).
+def to_trl(df: pl.DataFrame, margin: MarginMode = "none", score_range: tuple[float, float] | None = None) \
+        -> pl.DataFrame:
+    """TRL conversational preference data with explicit prompt (+ critiques and scores when present, `margin`
+    when asked for).
 
-    TRL keeps only `chosen_ids`, `rejected_ids` and `margin` after tokenizing, so the extra columns are
-    harmless to `RewardTrainer`/`DPOTrainer` and useful to people reading the data."""
+    TRL keeps only `chosen_ids`, `rejected_ids` and `margin` after tokenizing, so the critiques and scores are
+    harmless to `RewardTrainer`/`DPOTrainer` and useful to people reading the data; `margin` is not harmless."""
     extras = [_critique_texts(c) for c in _optional(df, "chosen_critiques", "rejected_critiques")]
     return df.select(pl.col("prompt"), _as_assistant_message("chosen"), _as_assistant_message("rejected"),
-                     *_margin(df), *extras, *_scores(df), *_provenance(df))
+                     *_margin(df, margin, score_range), *extras, *_scores(df), *_provenance(df))
 
 
-def to_trl_implicit(df: pl.DataFrame) -> pl.DataFrame:
+def to_trl_implicit(df: pl.DataFrame, margin: MarginMode = "none",
+                    score_range: tuple[float, float] | None = None) -> pl.DataFrame:
     """TRL conversational preference data with implicit prompt: `chosen`/`rejected` are whole conversations."""
-    return df.select(_conversation("chosen"), _conversation("rejected"), *_margin(df), *_scores(df),
+    return df.select(_conversation("chosen"), _conversation("rejected"), *_margin(df, margin, score_range),
+                     *_scores(df), *_provenance(df))
+
+
+def to_openrlhf(df: pl.DataFrame, margin: MarginMode = "none",
+                score_range: tuple[float, float] | None = None) -> pl.DataFrame:
+    """OpenRLHF's RewardDataset with `--data.apply_chat_template` and no prompt key (its usual recipe): it
+    renders `chosen` and `rejected` with the chat template as they are, so each is the whole conversation.
+    (An answer alone would train on answers without their prompts; `train_dpo` splits the prompt off itself,
+    from `chosen[:-1]`.) `margin` is used only with `--model.margin_loss_enable`."""
+    return df.select(_conversation("chosen"), _conversation("rejected"), *_margin(df, margin, score_range),
                      *_provenance(df))
-
-
-def to_openrlhf(df: pl.DataFrame) -> pl.DataFrame:
-    """OpenRLHF's reward dataset with `--data.apply_chat_template`: it renders `prompt` (messages) with the
-    generation prompt, then `prompt + chosen` and `prompt + rejected` (message lists) and keeps the text after
-    the prompt; `margin` is read when present (`--model.margin_loss_enable`)."""
-    return df.select(pl.col("prompt"), _as_assistant_message("chosen"), _as_assistant_message("rejected"),
-                     *_margin(df), *_provenance(df))
 
 
 _SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
@@ -213,11 +246,13 @@ FORMAT_NAMES = tuple(FORMATS)
 # How each format is consumed, for the dataset card and `selfalign export` (REPO is the Hub id or a folder).
 USAGE = {
     "trl": "TRL `RewardTrainer` / `DPOTrainer`: `load_dataset(\"REPO\", \"trl\")` (conversational, explicit prompt; "
-           "`margin` is used by `RewardTrainer`)",
+           "a `margin` column, when exported, enters `RewardTrainer`'s loss)",
     "trl-implicit": "TRL `RewardTrainer` / `DPOTrainer`: `load_dataset(\"REPO\", \"trl-implicit\")` (conversational, "
                     "implicit prompt)",
-    "openrlhf": "OpenRLHF: `--data.dataset REPO@openrlhf --data.apply_chat_template --data.prompt_key prompt "
-                "--data.chosen_key chosen --data.rejected_key rejected` (+ `--model.margin_loss_enable`)",
+    "openrlhf": "OpenRLHF `train_rm` / `train_dpo`: `--data.dataset REPO@openrlhf --data.apply_chat_template` "
+                "(`chosen`/`rejected` are whole conversations: no `--data.prompt_key`; rows longer than "
+                "`--data.max_len`, default 512 tokens, are truncated; with a `margin` column add "
+                "`--model.margin_loss_enable` to use it)",
     "llama-factory": "LLaMA-Factory: `dataset_dir: REMOTE:REPO` (or the export folder) and "
                      "`dataset: selfalign_train`; entries in `dataset_info.json` (`formatting: sharegpt`, "
                      "`ranking: true`)",
@@ -227,11 +262,56 @@ USAGE = {
 }
 
 
-def format_frame(name: str, df: pl.DataFrame, critique_prompt: CritiquePrompt | None = None) -> pl.DataFrame:
+def format_frame(name: str, df: pl.DataFrame, critique_prompt: CritiquePrompt | None = None,
+                 margin: MarginMode = "none", score_range: tuple[float, float] | None = None) -> pl.DataFrame:
+    """Rows in format `name`. `margin` (and `score_range` for "scaled") set the `margin` column of the formats in
+    MARGIN_FORMATS; the other formats ignore them."""
     _require(df, name)
     if name == "critique-sft":
         return to_critique_sft(df, critique_prompt)
+    if name in MARGIN_FORMATS:
+        return FORMATS[name](df, margin, score_range)
     return FORMATS[name](df)
+
+
+# -- sequence lengths: what a trainer's max_length cuts ---------------------------------------------
+
+_FROM_SHAREGPT = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def _with_answer(prompts: list, answers: list) -> list:
+    return [list(p) + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
+
+
+def sequences(name: str, frame: pl.DataFrame) -> list[list[list[dict[str, str]]]]:
+    """Per row of a frame in format `name`, the conversations its trainer tokenizes: the prompt with each answer
+    for the pair formats (TRL drops a row when either is longer than max_length, OpenRLHF truncates), the
+    messages for critique-sft."""
+    if name == "critique-sft":
+        return [[m] for m in frame["messages"].to_list()]
+    if name in ("trl-implicit", "openrlhf"):
+        conversations = [frame["chosen"].to_list(), frame["rejected"].to_list()]
+    elif name == "trl":
+        prompts = frame["prompt"].to_list()
+        conversations = [[p + a for p, a in zip(prompts, frame[c].to_list())] for c in ("chosen", "rejected")]
+    elif name == "llama-factory":
+        prompts = [[{"role": _FROM_SHAREGPT[t["from"]], "content": t["value"]} for t in turns]
+                   for turns in frame["conversations"].to_list()]
+        conversations = [_with_answer(prompts, [m["value"] for m in frame[c].to_list()]) for c in ("chosen", "rejected")]
+    else:  # critic-rm, cloud: prompt messages and answer texts
+        prompts = frame["prompt"].to_list()
+        conversations = [_with_answer(prompts, frame[c].to_list()) for c in ("chosen", "rejected")]
+    return [list(row) for row in zip(*conversations)]
+
+
+def percentiles(values: list[int]) -> dict[str, int | None]:
+    """p50, p90, p99 and max by nearest rank: at least that share of the values is no larger (so max_length set
+    to p99 keeps at least 99% of the rows)."""
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    pick = lambda q: ordered[max(0, math.ceil(q * len(ordered)) - 1)]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "max": ordered[-1]}
 
 
 def llama_factory_dataset_info(*, name: str = "selfalign", splits: dict[str, str] | None = None,
@@ -276,3 +356,44 @@ def split_by_prompt(df: pl.DataFrame, test_size: float) -> dict[str, pl.DataFram
         return {"train": df}
     is_test = prompt_buckets(df["prompt"]) < test_size
     return {"train": df.filter(~is_test), "test": df.filter(is_test)}
+
+
+# -- what the card and the report say about margin and lengths -----------------------------------------
+
+MARGIN_NOTE = ("`margin`: TRL's `RewardTrainer` puts a `margin` column into its loss whenever the column exists, "
+               "`-logsigmoid(r_chosen - r_rejected - margin)`, with no switch to turn it off; OpenRLHF does with "
+               "`--model.margin_loss_enable`. So `trl`, `trl-implicit` and `openrlhf` have one only when the export "
+               "stage asks for it: `margin: raw` (the critique score difference, up to 9 on a 1-10 scale: the "
+               "reward model is asked for that many logits of gap and the loss starts near the margin instead of "
+               "log 2 = 0.69) or `margin: scaled` (divided by the score range, in [0, 1]). `llama-factory`, "
+               "`critic-rm` and `cloud` carry the raw difference as data; their consumers do not read it.")
+
+LENGTHS_NOTE = ("Choose the trainer's length limit knowingly: TRL's `RewardTrainer` drops every pair whose chosen "
+                "or rejected conversation (prompt + answer, chat template applied) is longer than `max_length` "
+                "(default 1024 tokens) without a warning, and OpenRLHF truncates at `--data.max_len` (default 512 "
+                "tokens). Each row counts as its longer conversation, over all splits; pN: at least N% of the "
+                "rows are no longer.")
+
+
+def export_metrics(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The export stage's metrics in a run's manifest (`exported`, `margin`, `lengths`); {} without one."""
+    for entry in manifest.get("rows") or []:
+        if entry.get("kind") == "export":
+            return entry.get("metrics") or {}
+    return {}
+
+
+def length_rows(manifest: dict[str, Any], formats: Any = None) -> list[list[Any]]:
+    """[format, unit, rows, p50, p90, p99, max] per exported format (only `formats`, when given)."""
+    rows = []
+    for name, stats in (export_metrics(manifest).get("lengths") or {}).items():
+        if formats is not None and name not in formats:
+            continue
+        unit = stats.get("unit", "?")
+        if unit == "tokens" and stats.get("tokenizer"):
+            unit = f"tokens ({stats['tokenizer']})"
+        elif unit == "characters":
+            unit = "characters (no tokenizer: set `tokenizer:` on the export stage for tokens)"
+        rows.append([name, unit, stats.get("rows"), stats.get("p50"), stats.get("p90"), stats.get("p99"),
+                     stats.get("max")])
+    return rows

@@ -41,7 +41,8 @@ def test_ready_pipeline_on_all_hh_rows_with_fake_backend(name, hh_data, tmp_path
     assert row["chosen"][0]["role"] == "assistant" and row["chosen"][0]["content"] != row["rejected"][0]["content"]
     if name != "critic_rm":
         assert set(dataset["train"]["source"]) == {"synthetic"}
-        assert all(m > 0 for m in dataset["train"]["margin"])
+        assert "margin" not in dataset["train"].column_names  # TRL would add it to the loss (export margin: none)
+        assert all(c > r for c, r in zip(dataset["train"]["chosen_score"], dataset["train"]["rejected_score"]))
 
 
 def test_critic_rm_reports_agreement_and_refines_to_one_critique(hh_data, tmp_path):

@@ -34,7 +34,7 @@ from selfalign.runner import run_pipeline
 ROOT = Path(__file__).resolve().parent.parent
 HH_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test-1500.jsonl.gz"
 SECTIONS = ["summary", "funnel", "scores", "agreement", "position_consistency", "length_bias", "category", "cost",
-            "samples"]
+            "lengths", "samples"]
 CATEGORIES = ["violence", "drugs", "privacy", "self-harm", "fraud"]
 
 

@@ -1,6 +1,6 @@
-"""Each trainer format, checked with its consumer's own code where it installs (TRL) and against the
-consumer's documented reading rules where it does not (OpenRLHF needs deepspeed/flash-attn; LLaMA-Factory pins
-its own stack).
+"""Each trainer format, checked with its consumer's own code where it installs (TRL here; OpenRLHF's
+RewardDataset in tests/test_openrlhf_dataset.py, slow, as it installs OpenRLHF) and against the consumer's
+documented reading rules where it does not (LLaMA-Factory pins its own stack).
 
 The `consumer_*` helpers are shared with tests/test_publish.py, which runs them on rows downloaded from the
 Hub stand-in.
@@ -17,9 +17,9 @@ import pytest
 
 from selfalign.prompts import load_template
 from selfalign.stages.critique import CRITIQUE, CritiqueConfig
-from selfalign.stages.export import ExportConfig, critique_prompt_from_stages
-from selfalign.trainer_formats import (FORMATS, NEEDS, critique_reply, format_frame, llama_factory_dataset_info,
-                                       split_by_prompt)
+from selfalign.stages.export import ExportConfig, critique_prompt_from_stages, margin_setting, row_lengths
+from selfalign.trainer_formats import (FORMATS, MARGIN_FORMATS, NEEDS, critique_reply, format_frame,
+                                       llama_factory_dataset_info, percentiles, split_by_prompt)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,18 +118,20 @@ def consumer_trl(rows: list[dict], implicit: bool = False) -> None:
 
 
 def consumer_openrlhf(rows: list[dict]) -> None:
-    """OpenRLHF's RewardDataset with `--data.apply_chat_template --data.prompt_key prompt`: it renders the prompt
-    with the generation prompt, renders prompt + chosen (message lists, concatenated), and keeps what follows
-    the prompt text. That only works if prompt + chosen starts with the rendered prompt; margin must be a number."""
+    """OpenRLHF's reading rules (openrlhf/datasets/reward_dataset.py `preprocess_data`, 0.11) with its usual
+    recipe, `--data.apply_chat_template` and no prompt key: RewardDataset renders `chosen` and `rejected` with the
+    chat template as they are (so each must hold the prompt too), and DPO renders `chosen[:-1]` with the
+    generation prompt and cuts it off both. The real class runs in tests/test_openrlhf_dataset.py (slow)."""
     tokenizer = local_tokenizer(texts_of(rows))
     for row in rows:
-        assert {"prompt", "chosen", "rejected"} <= set(row)
-        prompt = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        assert "prompt" not in row  # with a prompt column users pass --data.prompt_key and train answers alone
+        assert row["chosen"][:-1] == row["rejected"][:-1] and row["chosen"][:-1][-1]["role"] == "user"
+        prompt = tokenizer.apply_chat_template(row["chosen"][:-1], tokenize=False, add_generation_prompt=True)
         for key in ("chosen", "rejected"):
-            assert isinstance(row[key], list) and row[key][0]["role"] == "assistant"
-            full = tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=False)
-            assert full.startswith(prompt)
-            assert full[len(prompt):].strip().startswith(row[key][0]["content"].strip())
+            assert row[key][-1]["role"] == "assistant"
+            full = tokenizer.apply_chat_template(row[key], tokenize=False)
+            assert full.startswith(prompt) and row["chosen"][-2]["content"] in full
+            assert full[len(prompt):].strip().startswith(row[key][-1]["content"].strip())
         assert isinstance(row.get("margin", 0.0), (int, float))
 
 
@@ -192,8 +194,37 @@ def test_trl_explicit_prompt_rows():
     assert rows[0]["prompt"] == pairs()["prompt"][0].to_list()
     assert rows[0]["chosen"] == [{"role": "assistant", "content": pairs()["chosen"][0]}]
     assert rows[0]["chosen_critiques"] == ["Clear steps.", "Good."]
-    assert [r["margin"] for r in rows] == [6.5, 0.0, 9.0]  # null margin -> 0.0 so trainers can batch it
     assert rows[1]["source"] == "synthetic"
+
+
+def test_margin_is_opt_in_for_the_formats_whose_trainers_apply_it():
+    """TRL's RewardTrainer subtracts `margin` whenever the column exists: by default there is none."""
+    assert set(MARGIN_FORMATS) == {"trl", "trl-implicit", "openrlhf"}
+    for name in MARGIN_FORMATS:
+        assert "margin" not in rows_of(name)[0]
+        raw = [r["margin"] for r in rows_of(name, margin="raw")]
+        assert raw == [6.5, 0.0, 9.0]  # null margin -> 0.0 so trainers can batch it
+        scaled = [r["margin"] for r in rows_of(name, margin="scaled", score_range=(1, 10))]
+        assert scaled == pytest.approx([6.5 / 9, 0.0, 1.0])
+        with pytest.raises(ValueError, match="score range"):
+            rows_of(name, margin="scaled")
+    for name in ("llama-factory", "critic-rm", "cloud"):  # data for people, no trainer reads it: kept raw
+        assert [r["margin"] for r in rows_of(name)] == [6.5, 0.0, 9.0]
+
+
+def test_margin_setting_comes_from_the_export_stage_and_its_score_scale():
+    critique = CritiqueConfig(kind="critique", model="critic", score_range=(1, 5))
+    assert margin_setting(None) == ("none", None)
+    assert margin_setting([critique, ExportConfig(kind="export")]) == ("none", None)
+    assert margin_setting([critique, ExportConfig(kind="export", margin="raw")]) == ("raw", None)
+    assert margin_setting([critique, ExportConfig(kind="export", margin="scaled")]) == ("scaled", (1, 5))
+    with pytest.raises(ValueError, match="no critique or feedback stage"):
+        margin_setting([ExportConfig(kind="export", margin="scaled")])
+    other = CritiqueConfig(kind="critique", model="critic", score_range=(1, 10))
+    with pytest.raises(ValueError, match="one score scale"):
+        margin_setting([critique, other, ExportConfig(kind="export", margin="scaled")])
+    with pytest.raises(Exception, match="margin"):
+        ExportConfig(kind="export", margin="half")
 
 
 def test_trl_implicit_rows_are_whole_conversations():
@@ -204,11 +235,15 @@ def test_trl_implicit_rows_are_whole_conversations():
         assert row["rejected"][-1] == {"role": "assistant", "content": original["rejected"]}
 
 
-def test_openrlhf_rows_work_with_chat_template_concatenation():
+def test_openrlhf_rows_are_whole_conversations():
     pytest.importorskip("transformers")
     rows = rows_of("openrlhf")
-    assert set(rows[0]) == {"prompt", "chosen", "rejected", "margin", "source", "row_id"}
+    assert set(rows[0]) == {"chosen", "rejected", "source", "row_id"}
+    for row, original in zip(rows, pairs().to_dicts()):
+        assert row["chosen"] == original["prompt"] + [{"role": "assistant", "content": original["chosen"]}]
+        assert row["rejected"] == original["prompt"] + [{"role": "assistant", "content": original["rejected"]}]
     consumer_openrlhf(rows)
+    consumer_openrlhf(rows_of("openrlhf", margin="raw"))
 
 
 def test_llama_factory_rows_and_dataset_info():
@@ -272,6 +307,169 @@ def test_trl_helpers_accept_the_rows():
     from trl.data_utils import is_conversational
 
     assert all(is_conversational(row) for row in rows_of("critique-sft"))
+
+
+# -- TRL's RewardTrainer: the margin it applies, the rows its max_length drops ------------------------
+
+
+def reward_trainer(rows: list[dict], tokenizer, output_dir: Path, **config):
+    """A RewardTrainer on the rows, unchanged (TRL tokenizes, filters and collates them itself), with a randomly
+    initialised 2-layer Llama whose score head is zero: every reward is 0, so the loss is TRL's loss term alone."""
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(tokenizer, num_labels=1))
+    torch.nn.init.zeros_(model.score.weight)
+    args = RewardConfig(output_dir=str(output_dir), per_device_train_batch_size=len(rows), report_to=[],
+                        use_cpu=True, save_strategy="no", disable_tqdm=True, dataset_num_proc=None,
+                        **{"max_length": 1024, **config})
+    return RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer)
+
+
+def first_loss(trainer) -> tuple[float, dict]:
+    """TRL's loss on the first batch its own dataloader and collator make."""
+    import torch
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, dict(batch)).item(), batch
+
+
+def test_reward_trainer_applies_margin_only_when_the_export_asks(tmp_path):
+    """TRL's own path (dataset preparation, DataCollatorForPreference, compute_loss): with no `margin` column
+    the loss at equal rewards is log 2; with the raw 1-10 score difference it starts near 5."""
+    pytest.importorskip("trl")
+    import math
+
+    def softplus(x):
+        return math.log1p(math.exp(x))
+
+    tokenizer = local_tokenizer(texts_of(rows_of("trl")))
+    losses = {}
+    for mode in ("none", "raw", "scaled"):
+        for name in ("trl", "trl-implicit"):
+            rows = rows_of(name, margin=mode, score_range=(1, 10))
+            loss, batch = first_loss(reward_trainer(rows, tokenizer, tmp_path / f"{name}-{mode}"))
+            assert ("margin" in batch) == (mode != "none")
+            losses[name, mode] = loss
+    assert losses["trl", "none"] == pytest.approx(math.log(2), abs=1e-5)  # -logsigmoid(0)
+    assert losses["trl", "raw"] == pytest.approx((softplus(6.5) + softplus(0) + softplus(9)) / 3, abs=1e-4)  # 5.40
+    assert losses["trl", "scaled"] == pytest.approx((softplus(6.5 / 9) + softplus(0) + softplus(1)) / 3, abs=1e-4)
+    for mode in ("none", "raw", "scaled"):
+        assert losses["trl-implicit", mode] == pytest.approx(losses["trl", mode], abs=1e-5)
+
+
+def test_token_lengths_are_what_reward_trainer_tokenizes_and_drops(tmp_path):
+    """The export's token lengths equal TRL's own `chosen_ids`/`rejected_ids` lengths, so `max_length` set from
+    them drops exactly the rows they say (TRL drops them without a word)."""
+    pytest.importorskip("trl")
+    frame = pl.concat([pairs()] * 4).with_row_index("n").with_columns(
+        chosen=pl.col("chosen") + pl.lit(" more") .repeat_by(pl.col("n")).list.join(""),
+        row_id=pl.col("n").cast(pl.Utf8)).drop("n")
+    tokenizer = local_tokenizer(texts_of(rows_of("trl", frame)) + ["more"])
+    for name in ("trl", "trl-implicit"):
+        rows = rows_of(name, frame)
+        ours = row_lengths(name, format_frame(name, frame), tokenizer)
+        trainer = reward_trainer(rows, tokenizer, tmp_path / name, max_length=None)
+        theirs = [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in trainer.train_dataset]
+        assert ours == theirs and len(set(ours)) > 4
+        p50 = percentiles(ours)["p50"]
+        kept = reward_trainer(rows, tokenizer, tmp_path / f"{name}-cut", max_length=p50).train_dataset
+        assert len(kept) == sum(n <= p50 for n in ours) < len(rows)
+    chars = row_lengths("trl", format_frame("trl", frame))
+    assert chars[0] == len("Be kind.") + len("How do I bake bread?") + len(pairs()["chosen"][0])
+
+
+EXPORT_PIPELINE = """\
+schema_version: 1
+name: export-lengths
+models:
+  critic: {{backend: fake}}
+stages:
+  - kind: load
+    path: {data}
+    format: hh-rlhf
+    on_bad_row: drop
+  - kind: critique
+    model: critic
+    samples: 2
+  - kind: consistency
+  - kind: export
+    formats: [trl, openrlhf, critique-sft]
+{extra}"""
+
+
+def run_export(write_pipeline, tmp_path, data, extra: str = "", name: str = "run") -> tuple[dict, Path]:
+    from selfalign.config import load_pipeline
+    from selfalign.runner import run_pipeline
+
+    path = write_pipeline(EXPORT_PIPELINE.format(data=data, extra=extra), f"{name}.yaml")
+    run_pipeline(load_pipeline(path), output=tmp_path / name, limit=80, quiet=True)
+    manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+    return manifest["rows"][-1]["metrics"], tmp_path / name
+
+
+def exported(run_dir: Path, name: str) -> pl.DataFrame:
+    return pl.concat([pl.read_parquet(f) for f in sorted((run_dir / "export" / name).glob("*.parquet"))])
+
+
+def test_export_metrics_give_margin_and_length_percentiles_in_the_manifest(write_pipeline, tmp_path, hh_data):
+    import datasets
+
+    metrics, run_dir = run_export(write_pipeline, tmp_path, hh_data)
+    assert metrics["margin"] == "none"
+    assert "margin" not in exported(run_dir, "trl").columns and "margin" not in exported(run_dir, "openrlhf").columns
+    assert "margin" not in datasets.load_from_disk(str(run_dir / "dataset"))["train"].column_names
+    for name in ("trl", "openrlhf", "critique-sft"):
+        lengths, frame = metrics["lengths"][name], exported(run_dir, name)
+        assert lengths == {"unit": "characters", "rows": frame.height, **percentiles(row_lengths(name, frame))}
+        assert 0 < lengths["p50"] <= lengths["p90"] <= lengths["p99"] <= lengths["max"]
+    assert metrics["lengths"]["trl"] == metrics["lengths"]["openrlhf"]  # the same conversations
+    characters = metrics["lengths"]["trl"]
+
+    tokenizer = local_tokenizer(texts_of(exported(run_dir, "trl").to_dicts()))
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    metrics, run_dir = run_export(write_pipeline, tmp_path, hh_data, name="tokens",
+                                  extra=f"    margin: scaled\n    tokenizer: {tmp_path / 'tokenizer'}\n")
+    assert metrics["margin"] == "scaled"
+    trl = exported(run_dir, "trl")
+    assert trl["margin"].to_list() == pytest.approx(((trl["chosen_score"] - trl["rejected_score"]) / 9).to_list())
+    assert 0 < trl["margin"].min() and trl["margin"].max() <= 1
+    lengths = metrics["lengths"]["trl"]
+    assert lengths == {"unit": "tokens", "tokenizer": "tokenizer", "rows": trl.height,  # no local path
+                       **percentiles(row_lengths("trl", trl, tokenizer))}
+    assert lengths["max"] < characters["max"]  # words, not characters
+
+    from selfalign.publish import load_run, write_card
+    from selfalign.report import write_report
+
+    row = f"| trl | tokens (tokenizer) | {trl.height} | {lengths['p50']} | {lengths['p90']} | {lengths['p99']} | " \
+          f"{lengths['max']} |"
+    card = write_card(load_run(run_dir), tmp_path / "card", formats=["trl", "openrlhf"]).read_text()
+    assert "## Sequence lengths" in card and row in card and "drops every pair" in card
+    assert "puts a `margin` column into its loss whenever the column exists" in card
+    html = write_report(run_dir).read_text()
+    assert '<section id="lengths">' in html
+    assert f"<td>trl</td><td>tokens (tokenizer)</td><td class=num>{trl.height}</td>" in html
+
+
+def test_export_errors_name_the_field_and_the_fix(write_pipeline, tmp_path, hh_data):
+    from selfalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"stage 3 \(export\): tokenizer: cannot load tokenizer .*leave tokenizer"):
+        run_export(write_pipeline, tmp_path, hh_data, name="a", extra="    tokenizer: no/such-tokenizer-here\n")
+    pipeline = EXPORT_PIPELINE.replace("  - kind: critique\n    model: critic\n    samples: 2\n  - kind: consistency\n",
+                                       "").replace("[trl, openrlhf, critique-sft]", "[trl]")
+    from selfalign.config import load_pipeline
+    from selfalign.runner import run_pipeline
+
+    path = write_pipeline(pipeline.format(data=hh_data, extra="    margin: scaled\n"), "b.yaml")
+    with pytest.raises(ConfigError, match="margin: .*no critique or feedback stage"):
+        run_pipeline(load_pipeline(path), output=tmp_path / "b", limit=5, quiet=True)
 
 
 # -- a few real training steps (slow: imports torch + transformers + trl, builds tiny models) ------
