@@ -198,7 +198,12 @@ def build_formats(run: Run, formats: Iterable[str], splits: dict[str, pl.DataFra
     formats = _check_formats(formats, run.frame)
     splits = run_splits(run) if splits is None else splits
     critique_prompt = critique_prompt_for(run) if "critique-sft" in formats else None
-    return {name: {split: format_frame(name, part, critique_prompt) for split, part in splits.items()}
+    from .stages.export import margin_setting
+    try:  # the same `margin` column as the run's own export wrote
+        margin, scale = margin_setting(run.stages)
+    except ValueError as exc:
+        raise PublishError(f"{exc} (the export stage of {run.run_dir / 'pipeline.yaml'})") from None
+    return {name: {split: format_frame(name, part, critique_prompt, margin, scale) for split, part in splits.items()}
             for name in formats}
 
 

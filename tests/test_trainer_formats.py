@@ -444,8 +444,13 @@ def test_export_metrics_give_margin_and_length_percentiles_in_the_manifest(write
                        **percentiles(row_lengths("trl", trl, tokenizer))}
     assert lengths["max"] < characters["max"]  # words, not characters
 
-    from selfalign.publish import load_run, write_card
+    from selfalign.publish import export_run, load_run, write_card
     from selfalign.report import write_report
+
+    # `selfalign export` (and a push, through the same build_formats) writes the margin the run's export wrote.
+    export_run(run_dir, "trl", tmp_path / "exported")
+    again = pl.concat([pl.read_parquet(f) for f in sorted((tmp_path / "exported").glob("*.parquet"))])
+    assert sorted(again["margin"].to_list()) == pytest.approx(sorted(trl["margin"].to_list()))
 
     row = f"| trl | tokens (tokenizer) | {trl.height} | {lengths['p50']} | {lengths['p90']} | {lengths['p99']} | " \
           f"{lengths['max']} |"
