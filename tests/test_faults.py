@@ -81,7 +81,7 @@ def write_pairs(path: Path, rows: int) -> Path:
 
 
 def write_pipeline(tmp_path: Path, base_url: str, rows: int, timeout_s: float = 2, max_tokens: int = 96,
-                   max_concurrency: int = 8) -> Path:
+                   max_concurrency: int = 8, model: str = "m") -> Path:
     data = write_pairs(tmp_path / "pairs.jsonl", rows)
     path = tmp_path / "pipeline.yaml"
     path.write_text(f"""\
@@ -92,7 +92,7 @@ models:
   critic:
     backend: openai
     base_url: {base_url}
-    model: m
+    model: {model}
     max_concurrency: {max_concurrency}
     timeout_s: {timeout_s}
     max_retries: {MAX_RETRIES}
@@ -193,11 +193,11 @@ def rows_asked(proxy: FaultProxy, run_dir: Path) -> set[str]:
 
 def fault_case(tmp_path: Path, proxy: FaultProxy, faults: dict[str, float], rows: int, label: str,
                timeout_s: float = 2, max_tokens: int = 96, max_concurrency: int = 8,
-               deterministic_upstream: bool = True) -> dict:
+               deterministic_upstream: bool = True, model: str = "m") -> dict:
     """Run with faults, check, re-run through the same proxy with faults off, check again; add a table row."""
     baseline = rows * TARGETS * SAMPLES
     pipeline = write_pipeline(tmp_path, proxy.url, rows, timeout_s=timeout_s, max_tokens=max_tokens,
-                              max_concurrency=max_concurrency)
+                              max_concurrency=max_concurrency, model=model)
     run_dir = tmp_path / "run"
     proxy.set_faults(faults)
     proxy.reset_counts()
@@ -351,5 +351,6 @@ def test_mixed_faults_against_llama_cpp(llama_server, tmp_path):  # noqa: F811
     faults = mixed_faults(0.2, tuple(f for f in FAULTS if f != "hang"))
     with FaultProxy(llama_server, seed=6, retry_after_s=1) as proxy:
         result = fault_case(tmp_path, proxy, faults, rows, "llama.cpp, mixed @ 20% (no hang)",
-                            timeout_s=60, max_tokens=64, max_concurrency=2, deterministic_upstream=False)
+                            timeout_s=60, max_tokens=64, max_concurrency=2, deterministic_upstream=False,
+                            model="smollm2")  # the name the server lists: the preflight then sends no chat probe
     assert result["counts"]["lost"] == 0
