@@ -244,7 +244,7 @@ def build_manifest(ctx: RunContext, started: float, df: pl.DataFrame, funnel: li
         "packages": package_versions(),
         "limit": limit,
         "overrides": list(loaded.overrides),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "started": _local_time(started),
         "seconds": round(time.time() - started, 3),
         "rows": funnel,
         "rows_out": df.height,
