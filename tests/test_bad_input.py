@@ -15,22 +15,11 @@ from pathlib import Path
 import pytest
 
 from selfalign.cli import main
+from tests.support.fake_pipeline import CRITIQUE_CONSISTENCY_EXPORT, fake_pipeline_yaml
 
-PIPELINE = """\
-schema_version: 1
-name: bad
-models:
-  critic: {backend: fake}
-stages:
-  - kind: load
-    path: data.jsonl
-    format: trl
-  - kind: critique
-    model: critic
-    samples: 2
-  - kind: consistency
-  - kind: export
-"""
+# One option a line: line 4 is the model, 6-8 stage 0 (load), 9-11 stage 1 (critique, `samples: 2` on 11).
+PIPELINE = fake_pipeline_yaml("bad", [{"kind": "load", "path": "data.jsonl", "format": "trl"},
+                                      *CRITIQUE_CONSISTENCY_EXPORT])
 GOOD_ROW = json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n"
 HH_NO_ASSISTANT = json.dumps({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hello"}) + "\n"
 

@@ -8,24 +8,16 @@ from selfalign.check import check_pipeline
 from selfalign.cli import main
 from selfalign.config import load_pipeline
 from selfalign.errors import ConfigError, ConfigErrors
+from tests.support.fake_pipeline import fake_pipeline_yaml
 
-GOOD = """\
-schema_version: 1
-name: t
-models:
-  critic: {backend: fake}
-stages:
-  - kind: load
-    path: data.jsonl
-    format: trl
-  - kind: critique
-    model: critic
-    samples: 2
-  - kind: consistency
-  - kind: filter
-    where: "chosen_score - rejected_score >= 2"
-  - kind: export
-"""
+# One option a line: line 6 is stage 0 (load), 9-11 stage 1 (critique, `samples: 2` on 11), 12 stage 2.
+GOOD = fake_pipeline_yaml("t", [
+    {"kind": "load", "path": "data.jsonl", "format": "trl"},
+    {"kind": "critique", "model": "critic", "samples": 2},
+    {"kind": "consistency"},
+    {"kind": "filter", "where": "chosen_score - rejected_score >= 2"},
+    {"kind": "export"},
+])
 
 
 def errors_of(path, overrides=()):
