@@ -3,7 +3,7 @@
 import polars as pl
 
 from selfalign.stages.consistency import ConsistencyConfig, judge_pair, run
-from selfalign.stages.critique import CRITIQUE
+from selfalign.stages.model_calls import CRITIQUE
 
 
 def critiques(*scores):

@@ -16,7 +16,8 @@ import polars as pl
 import pytest
 
 from selfalign.prompts import load_template
-from selfalign.stages.critique import CRITIQUE, CritiqueConfig
+from selfalign.stages.critique import CritiqueConfig
+from selfalign.stages.model_calls import CRITIQUE
 from selfalign.stages.export import ExportConfig, critique_prompt_from_stages, margin_setting, row_lengths
 from selfalign.trainer_formats import (FORMATS, MARGIN_FORMATS, NEEDS, critique_reply, format_frame,
                                        llama_factory_dataset_info, percentiles, split_by_prompt)

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import Field
 
-from .base import StageConfig, StageOutput
-from .critique import CRITIQUE
+from .base import StageConfig, StageContext, StageOutput
+from .model_calls import CRITIQUE
 
 
 class ConsistencyConfig(StageConfig):
@@ -58,7 +58,7 @@ def judge_pair(chosen: list[dict[str, Any]], rejected: list[dict[str, Any]], con
     return None, chosen, rejected
 
 
-def run(df: pl.DataFrame, config: ConsistencyConfig, ctx) -> StageOutput:
+def run(df: pl.DataFrame, config: ConsistencyConfig, ctx: StageContext) -> StageOutput:
     reasons, kept_chosen, kept_rejected = [], [], []
     critiques_before = critiques_after = 0
     for chosen, rejected in df.select("chosen_critiques", "rejected_critiques").iter_rows():

@@ -16,29 +16,16 @@ import polars as pl
 import pyarrow as pa
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from ..backends.base import Request, Sampling
-from ..calls import json_parser
+from ..backends.base import Request
 from ..models import DEFAULT_MODEL_NAME, Strict
-from .base import ModelStageConfig, StageOutput, lists, strings, structs
-
-CRITIQUE = pl.Struct({"text": pl.Utf8, "score": pl.Float64, "sample_index": pl.Int64, "model": pl.Utf8,
-                      "criterion_scores": pl.List(pl.Struct({"name": pl.Utf8, "score": pl.Float64}))})
+from .base import ModelStageConfig, StageContext, StageOutput, lists, strings, structs
+from .model_calls import CRITIQUE, RowFailure, SamplingConfig, ask, split_failed_rows
 
 
 class Criterion(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="snake_case, used as a JSON key")
     description: str
     weight: float = Field(1.0, gt=0)
-
-
-class SamplingConfig(Strict):
-    temperature: float = Field(0.7, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(384, ge=1)
-    seed: int | None = Field(0, description="sample i uses seed + i; null for unseeded")
-
-    def sampling(self) -> Sampling:
-        return Sampling(self.temperature, self.top_p, self.max_tokens, self.seed)
 
 
 class CritiqueConfig(ModelStageConfig):
@@ -95,7 +82,7 @@ def _texts(row: dict[str, Any], target: str) -> list[str]:
     return value if isinstance(value, list) else [value]
 
 
-def build_requests(df: pl.DataFrame, config: CritiqueConfig, ctx) -> list[Request]:
+def build_requests(df: pl.DataFrame, config: CritiqueConfig, ctx: StageContext) -> list[Request]:
     """Requests in (row, target, response, sample) order."""
     template = ctx.template(config.prompt)
     schema = config.reply_model().model_json_schema()
@@ -110,19 +97,6 @@ def build_requests(df: pl.DataFrame, config: CritiqueConfig, ctx) -> list[Reques
                     score_max=config.score_range[1], rubric=rubric))
                 requests.extend(Request(messages, sampling, schema, sample_index=s) for s in range(config.samples))
     return requests
-
-
-def failure_columns(out: pl.DataFrame, failures: list[dict[str, Any] | None], metrics: dict) -> StageOutput:
-    """Split rows: those with a failed call go to dropped/ with status, error, attempts and raw output."""
-    failed = pl.Series([f is not None for f in failures], dtype=pl.Boolean)
-    rows = [f for f in failures if f is not None]
-    dropped = out.filter(failed).with_columns(
-        drop_reason=pl.lit("model_call_failed"),
-        status=pl.lit("failed"),
-        error=pl.Series([f["error"] for f in rows], dtype=pl.Utf8),
-        attempts=pl.Series([f["attempts"] for f in rows], dtype=pl.Int64),
-        raw_output=pl.Series([f["raw_output"] for f in rows], dtype=pl.Utf8))
-    return StageOutput(out.filter(~failed), dropped, metrics)
 
 
 class CritiqueColumn:
@@ -169,13 +143,11 @@ class CritiqueColumn:
         return pl.Series(name, column).cast(pl.List(CRITIQUE))
 
 
-def run(df: pl.DataFrame, config: CritiqueConfig, ctx) -> StageOutput:
-    client = ctx.client(config.model)
+def run(df: pl.DataFrame, config: CritiqueConfig, ctx: StageContext) -> StageOutput:
     requests = build_requests(df, config, ctx)
-    results = iter(client.run(requests, json_parser(config.reply_model()), label=f"critique ({config.model})",
-                              max_attempts=config.max_attempts))
+    results = iter(ask(ctx, config, requests, config.reply_model()))
     columns = {target: CritiqueColumn(nested=target == "responses") for target in config.targets}
-    failures: list[dict[str, Any] | None] = []
+    failures: list[RowFailure | None] = []
     for row in df.select(*config.targets).iter_rows(named=True):
         failure = None
         for target in config.targets:
@@ -188,10 +160,9 @@ def run(df: pl.DataFrame, config: CritiqueConfig, ctx) -> StageOutput:
                         column.add(result.value["critique"], score, s, per)
                     elif failure is None:
                         where = f"{target}[{text_index}]" if isinstance(row[target], list) else target
-                        failure = {"error": f"{where} sample {s}: {result.error}", "attempts": result.attempts,
-                                   "raw_output": result.text}
+                        failure = RowFailure(result, f"{where} sample {s}")
                 column.end_answer()
             column.end_row()
         failures.append(failure)
     out = df.with_columns(column.series(f"{target}_critiques", config.model) for target, column in columns.items())
-    return failure_columns(out, failures, {"calls": len(requests)})
+    return split_failed_rows(out, failures, {"calls": len(requests)})

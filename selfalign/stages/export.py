@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from ..fingerprint import frame_fingerprint
 from ..trainer_formats import (MARGIN_FORMATS, MARGIN_MODES, NEEDS, CritiquePrompt, MarginMode, format_frame,
                                llama_factory_dataset_info, percentiles, sequences, split_by_prompt)
-from .base import StageConfig, StageOutput
+from .base import StageConfig, StageContext, StageOutput
 
 FormatName = Literal["trl", "trl-implicit", "openrlhf", "llama-factory", "critic-rm", "cloud", "critique-sft"]
 
@@ -120,7 +120,7 @@ def margin_setting(stages: list[Any] | None) -> tuple[MarginMode, tuple[float, f
     return "scaled", scale
 
 
-def load_tokenizer(value: str, ctx, error: Callable[[str], ConfigError]):
+def load_tokenizer(value: str, ctx: StageContext, error: Callable[[str], ConfigError]):
     """The tokenizer named by `tokenizer:`: a folder (relative paths as for other files) or a Hub id."""
     from transformers import AutoTokenizer
 
@@ -157,7 +157,7 @@ def length_stats(name: str, frames: dict[str, pl.DataFrame], tokenizer=None, tok
     return {**unit, "rows": len(lengths), **percentiles(lengths)}
 
 
-def run(df: pl.DataFrame, config: ExportConfig, ctx) -> StageOutput:
+def run(df: pl.DataFrame, config: ExportConfig, ctx: StageContext) -> StageOutput:
     stages = ctx.loaded.pipeline.stages
     stage = next((i for i, other in enumerate(stages) if other is config), None)
 

@@ -16,10 +16,9 @@ import polars as pl
 from pydantic import Field, create_model
 
 from ..backends.base import Request
-from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME
-from .base import ModelStageConfig, StageOutput
-from .critique import CRITIQUE, SamplingConfig, failure_columns
+from .base import ModelStageConfig, StageContext, StageOutput
+from .model_calls import CRITIQUE, SamplingConfig, ask, critique_value, first_failure, split_failed_rows
 
 
 class FeedbackConfig(ModelStageConfig):
@@ -45,7 +44,7 @@ class FeedbackConfig(ModelStageConfig):
                             reward=(Literal[tuple(range(low, high + 1))], ...))
 
 
-def build_requests(df: pl.DataFrame, config: FeedbackConfig, ctx) -> list[Request]:
+def build_requests(df: pl.DataFrame, config: FeedbackConfig, ctx: StageContext) -> list[Request]:
     template = ctx.template(config.prompt)
     schema, sampling = config.reply_model().model_json_schema(), config.sampling.sampling()
     return [Request(tuple(template.render_messages(prompt=p, response=r, feedback=f, thumbs=t,
@@ -54,14 +53,14 @@ def build_requests(df: pl.DataFrame, config: FeedbackConfig, ctx) -> list[Reques
             for p, r, f, t in df.select("prompt", "response", "feedback", "thumbs").iter_rows()]
 
 
-def run(df: pl.DataFrame, config: FeedbackConfig, ctx) -> StageOutput:
-    results = ctx.client(config.model).run(build_requests(df, config, ctx), json_parser(config.reply_model()),
-                                           label=f"feedback ({config.model})", max_attempts=config.max_attempts)
-    rewards = [[{"text": r.value["rationale"], "score": float(r.value["reward"]), "sample_index": 0,
-                 "model": config.model, "criterion_scores": []}] if r.ok else [] for r in results]
-    failures = [None if r.ok else {"error": r.error, "attempts": r.attempts, "raw_output": r.text} for r in results]
-    scored = failure_columns(df.with_columns(reward=pl.Series(rewards, dtype=pl.List(CRITIQUE))), failures,
-                             {"calls": len(results)})
+def run(df: pl.DataFrame, config: FeedbackConfig, ctx: StageContext) -> StageOutput:
+    results = ask(ctx, config, build_requests(df, config, ctx), config.reply_model())
+    # The rationale stands as the answer's one critique, the reward as its score.
+    rewards = [[critique_value(r.value["rationale"], float(r.value["reward"]), 0, config.model)] if r.ok else []
+               for r in results]
+    failures = [first_failure([r]) for r in results]
+    scored = split_failed_rows(df.with_columns(reward=pl.Series(rewards, dtype=pl.List(CRITIQUE))), failures,
+                               {"calls": len(results)})
     # One row per prompt: its answers and their rewards, for `pair`.
     grouped = (scored.kept.with_columns(_key=pl.col("prompt").map_elements(
         lambda p: json.dumps(p.to_list(), sort_keys=True), return_dtype=pl.Utf8))

@@ -7,7 +7,7 @@ from typing import Literal
 import polars as pl
 from pydantic import Field, field_validator
 
-from .base import StageConfig, StageOutput
+from .base import StageConfig, StageContext, StageOutput
 
 
 class FilterConfig(StageConfig):
@@ -31,7 +31,7 @@ class FilterConfig(StageConfig):
         return set(self.expression().meta.root_names())
 
 
-def run(df: pl.DataFrame, config: FilterConfig, ctx) -> StageOutput:
+def run(df: pl.DataFrame, config: FilterConfig, ctx: StageContext) -> StageOutput:
     # A null result (e.g. a comparison with a missing score) counts as "does not hold".
     holds = config.expression().fill_null(False)
     marked = df.with_columns(_keep=holds)

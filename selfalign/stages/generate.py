@@ -13,8 +13,8 @@ from pydantic import Field
 
 from ..backends.base import Request
 from ..models import DEFAULT_MODEL_NAME
-from .base import ModelStageConfig, StageOutput
-from .critique import SamplingConfig, failure_columns
+from .base import ModelStageConfig, StageContext, StageOutput
+from .model_calls import SamplingConfig, ask, first_failure, split_failed_rows
 
 
 class GenerateConfig(ModelStageConfig):
@@ -35,7 +35,7 @@ class GenerateConfig(ModelStageConfig):
         return {"prompt": (self.prompt, {"prompt"})} if self.prompt else {}
 
 
-def build_requests(df: pl.DataFrame, config: GenerateConfig, ctx) -> list[Request]:
+def build_requests(df: pl.DataFrame, config: GenerateConfig, ctx: StageContext) -> list[Request]:
     template = ctx.template(config.prompt) if config.prompt else None
     sampling = config.sampling.sampling()
     requests = []
@@ -45,15 +45,12 @@ def build_requests(df: pl.DataFrame, config: GenerateConfig, ctx) -> list[Reques
     return requests
 
 
-def run(df: pl.DataFrame, config: GenerateConfig, ctx) -> StageOutput:
-    results = ctx.client(config.model).run(build_requests(df, config, ctx), None,
-                                           label=f"generate ({config.model})", max_attempts=1)
+def run(df: pl.DataFrame, config: GenerateConfig, ctx: StageContext) -> StageOutput:
+    results = ask(ctx, config, build_requests(df, config, ctx), reply_model=None)
     responses, failures = [], []
     for row in range(df.height):
         mine = results[row * config.samples:(row + 1) * config.samples]
         responses.append([r.value.strip() for r in mine if r.ok])
-        bad = next((r for r in mine if not r.ok), None)
-        failures.append(None if bad is None else {"error": bad.error, "attempts": bad.attempts,
-                                                   "raw_output": bad.text})
+        failures.append(first_failure(mine))
     out = df.with_columns(responses=pl.Series(responses, dtype=pl.List(pl.Utf8)))
-    return failure_columns(out, failures, {"calls": len(results)})
+    return split_failed_rows(out, failures, {"calls": len(results)})

@@ -14,10 +14,9 @@ import polars as pl
 from pydantic import Field, create_model
 
 from ..backends.base import Request
-from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME
-from .base import ModelStageConfig, StageOutput
-from .critique import SamplingConfig, failure_columns
+from .base import ModelStageConfig, StageContext, StageOutput
+from .model_calls import SamplingConfig, ask, first_failure, split_failed_rows
 
 Verdict = create_model("Verdict", reasoning=(str, Field(min_length=1, max_length=800)),
                        winner=(Literal["A", "B"], ...))
@@ -41,7 +40,7 @@ class JudgeConfig(ModelStageConfig):
         return {"prompt": (self.prompt, {"prompt", "answer_a", "answer_b"})}
 
 
-def build_requests(df: pl.DataFrame, config: JudgeConfig, ctx) -> list[Request]:
+def build_requests(df: pl.DataFrame, config: JudgeConfig, ctx: StageContext) -> list[Request]:
     """Two requests per row: (A=chosen, B=rejected), then (A=rejected, B=chosen)."""
     template = ctx.template(config.prompt)
     schema, sampling = Verdict.model_json_schema(), config.sampling.sampling()
@@ -53,19 +52,17 @@ def build_requests(df: pl.DataFrame, config: JudgeConfig, ctx) -> list[Request]:
     return requests
 
 
-def run(df: pl.DataFrame, config: JudgeConfig, ctx) -> StageOutput:
-    results = ctx.client(config.model).run(build_requests(df, config, ctx), json_parser(Verdict),
-                                           label=f"judge ({config.model})", max_attempts=config.max_attempts)
+def run(df: pl.DataFrame, config: JudgeConfig, ctx: StageContext) -> StageOutput:
+    results = ask(ctx, config, build_requests(df, config, ctx), Verdict)
     verdicts, reasoning, failures = [], [], []
     for row in range(df.height):
         first, second = results[2 * row], results[2 * row + 1]
-        bad = first if not first.ok else second if not second.ok else None
-        if bad is not None:
-            failures.append({"error": bad.error, "attempts": bad.attempts, "raw_output": bad.text})
+        failure = first_failure((first, second))
+        failures.append(failure)
+        if failure is not None:
             verdicts.append(None)
             reasoning.append([])
             continue
-        failures.append(None)
         # Map each order's letter back to which answer it names.
         pick_1 = "chosen" if first.value["winner"] == "A" else "rejected"
         pick_2 = "chosen" if second.value["winner"] == "B" else "rejected"
@@ -73,7 +70,7 @@ def run(df: pl.DataFrame, config: JudgeConfig, ctx) -> StageOutput:
         reasoning.append([first.value["reasoning"], second.value["reasoning"]])
     out = df.with_columns(judge_verdict=pl.Series(verdicts, dtype=pl.Utf8),
                           judge_reasoning=pl.Series(reasoning, dtype=pl.List(pl.Utf8)))
-    split = failure_columns(out, failures, {})
+    split = split_failed_rows(out, failures, {})
     judged = split.kept
     consistent = judged.filter(pl.col("judge_verdict") != "inconsistent")
     agree = consistent.filter(pl.col("judge_verdict") == "chosen")

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from ..errors import DataError
 from ..formats import COLUMNS, MAPPERS, RowError
-from .base import StageConfig, StageOutput, lists, strings, structs
+from .base import StageConfig, StageContext, StageOutput, lists, strings, structs
 
 MESSAGES = pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8}))
 
@@ -201,7 +201,7 @@ def _read_hf(config: LoadConfig) -> Iterator[tuple[int, dict[str, Any]]]:
     yield from enumerate(dataset, start=1)
 
 
-def run(df: pl.DataFrame, config: LoadConfig, ctx) -> StageOutput:
+def run(df: pl.DataFrame, config: LoadConfig, ctx: StageContext) -> StageOutput:
     if config.path is not None:
         path = ctx.resolve(config.path)
         if path.is_dir():

@@ -15,7 +15,7 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from ..models import Strict
-from .base import StageConfig, StageOutput
+from .base import StageConfig, StageContext, StageOutput
 from .load import LoadConfig, run as load
 
 Source = Literal["human", "synthetic"]
@@ -61,7 +61,7 @@ def _rank(row_id: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()
 
 
-def run(df: pl.DataFrame, config: MixConfig, ctx) -> StageOutput:
+def run(df: pl.DataFrame, config: MixConfig, ctx: StageContext) -> StageOutput:
     frames = [df]
     for extra in config.add:
         loaded = load(None, LoadConfig(kind="load", path=extra.path, hf=extra.hf, split=extra.split,

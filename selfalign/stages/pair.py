@@ -12,8 +12,8 @@ from typing import Literal
 import polars as pl
 from pydantic import Field
 
-from .base import StageConfig, StageOutput
-from .critique import CRITIQUE
+from .base import StageConfig, StageContext, StageOutput
+from .model_calls import CRITIQUE
 
 
 class PairConfig(StageConfig):
@@ -47,7 +47,7 @@ def choose(texts: list[str], scores: list[float], config: PairConfig) -> tuple[s
     return None, chosen, rejected
 
 
-def run(df: pl.DataFrame, config: PairConfig, ctx) -> StageOutput:
+def run(df: pl.DataFrame, config: PairConfig, ctx: StageContext) -> StageOutput:
     columns = {name: [] for name in ("chosen", "rejected", "chosen_critiques", "rejected_critiques",
                                      "chosen_score", "rejected_score", "drop_reason")}
     for texts, critiques in df.select("responses", "responses_critiques").iter_rows():

@@ -13,17 +13,16 @@ The pair's `chosen_score`, `rejected_score` and `margin` are recomputed from the
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import polars as pl
 from pydantic import Field, create_model, model_validator
 
 from ..backends.base import Request
-from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME
-from .base import ModelStageConfig, StageOutput
+from .base import ModelStageConfig, StageContext, StageOutput
 from .consistency import ConsistencyConfig, judge_pair
-from .critique import CRITIQUE, SamplingConfig, failure_columns
+from .model_calls import CRITIQUE, RowFailure, SamplingConfig, ask, critique_value, split_failed_rows
 
 SIDES = ("chosen", "rejected")
 # The instance rule alone: refined critiques are not filtered one by one, and no margin is asked of them.
@@ -68,7 +67,7 @@ class RefineConfig(ModelStageConfig):
                             score=(Literal[tuple(range(low, high + 1))], ...))
 
 
-def build_requests(df: pl.DataFrame, config: RefineConfig, ctx) -> list[Request]:
+def build_requests(df: pl.DataFrame, config: RefineConfig, ctx: StageContext) -> list[Request]:
     """summarize: one request per (row, side); rank: one per (row, side, critique)."""
     template = ctx.template(config.prompt)
     schema, sampling = config.reply_model().model_json_schema(), config.sampling.sampling()
@@ -87,20 +86,18 @@ def build_requests(df: pl.DataFrame, config: RefineConfig, ctx) -> list[Request]
     return requests
 
 
-def run(df: pl.DataFrame, config: RefineConfig, ctx) -> StageOutput:
-    results = iter(ctx.client(config.model).run(build_requests(df, config, ctx), json_parser(config.reply_model()),
-                                                label=f"refine/{config.method} ({config.model})",
-                                                max_attempts=config.max_attempts))
+def run(df: pl.DataFrame, config: RefineConfig, ctx: StageContext) -> StageOutput:
+    results = iter(ask(ctx, config, build_requests(df, config, ctx), config.reply_model(),
+                       label=f"refine/{config.method} ({config.model})"))
     refined: dict[str, list] = {side: [] for side in SIDES}
-    failures: list[dict[str, Any] | None] = []
+    failures: list[RowFailure | None] = []
     for row in df.select(*(f"{s}_critiques" for s in SIDES)).iter_rows(named=True):
         failure = None
         for side in SIDES:
             critiques = row[f"{side}_critiques"]
             if config.method == "summarize":
                 result = next(results)
-                outcome = ([{"text": result.value["critique"], "score": float(result.value["score"]),
-                             "sample_index": -1, "model": config.model, "criterion_scores": []}]
+                outcome = ([critique_value(result.value["critique"], float(result.value["score"]), -1, config.model)]
                            if result.ok else critiques)
                 failed = [] if result.ok else [result]
             else:
@@ -109,8 +106,7 @@ def run(df: pl.DataFrame, config: RefineConfig, ctx) -> StageOutput:
                 ok = sorted(((r.value["quality"], -i, c) for i, (r, c) in enumerate(ranked) if r.ok), reverse=True)
                 outcome = [c for _, _, c in ok[:config.top_k]]
             if failed and failure is None:
-                failure = {"error": f"{side}: {failed[0].error}", "attempts": failed[0].attempts,
-                           "raw_output": failed[0].text}
+                failure = RowFailure(failed[0], side)
             refined[side].append(outcome)
         failures.append(failure)
     originals = df.select(*(f"{s}_critiques" for s in SIDES)).rows()
@@ -131,7 +127,7 @@ def run(df: pl.DataFrame, config: RefineConfig, ctx) -> StageOutput:
                # As the consistency stage reports them: the refined scores' agreement, then what is kept.
                "agreement_with_human_before": _share(refined_pairs - flipped, refined_pairs),
                "agreement_with_human_after": 1.0 if survivors else None}
-    output = failure_columns(out, failures, metrics)
+    output = split_failed_rows(out, failures, metrics)
     if config.on_contradiction == "keep_original" or not counts:
         return output
     # Drop the flipped pairs (rows with a failed call are already in `output.dropped`).
