@@ -6,14 +6,13 @@ size_categories (both from the rows and formats pushed), source_datasets (the `h
 `configs` (one per trainer format, with its data files). The body: where the input data came from (a Hub id or
 a file name, never a local path) with its declared license; the formats and how each trainer loads them;
 models, backends, sampling and prompt template hashes; the pipeline YAML and the command to reproduce; the row
-funnel with drop reasons; human vs synthetic counts; agreement with the human labels before/after filtering; score histograms (PNG
-files uploaded beside the card, under `assets/`); and a few example rows.
+funnel with drop reasons; human vs synthetic counts; agreement with the human labels before/after filtering;
+score and margin histograms (PNG files uploaded beside the card, under `assets/`, drawn by the report's plot
+functions); and a few example rows.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from typing import Any
 import polars as pl
 
 from . import __version__
+from .markup import fence, markdown_inline, markdown_table, shorten
+from .metrics import AGREEMENT_AFTER, AGREEMENT_BEFORE, CRITIQUES_BEFORE, CRITIQUES_KEPT
 from .trainer_formats import LENGTHS_NOTE, MARGIN_FORMATS, MARGIN_NOTE, USAGE, length_rows
 
 TAGS = ["selfalign", "preference"]  # true of every push; tags() adds the ones the pushed data supports
@@ -52,7 +53,6 @@ class CardInputs:
     # One per load stage: {"kind": "hf" | "file" | "folder", "name": Hub id or file name, "license", "attribution"}.
     sources: list[dict[str, Any]] | None = None
     repo_id: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def size_category(n: int) -> str:
@@ -128,94 +128,39 @@ def metadata(inputs: CardInputs, existing: dict[str, Any] | None = None) -> dict
 
 
 def render_histograms(inputs: CardInputs, directory: Path) -> dict[str, str]:
-    """PNG histograms of chosen vs rejected scores (every critique before filtering, and the surviving pairs)
-    and of the margin; {name: path relative to `directory`}. Empty when matplotlib is missing or there are no
-    scores."""
-    try:  # the object API on an Agg canvas: no pyplot, no global backend change for other callers
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        inputs.notes.append("Score histograms were not rendered: install matplotlib (`pip install matplotlib`).")
-        return {}
+    """The card's PNGs, drawn by the report's plot functions (plots.py: same bins, colours and size);
+    {name: path relative to `directory`}, empty when the rows carry no chosen_score/rejected_score.
 
-    def figure(width: float, height: float, columns: int = 1):
-        fig = Figure(figsize=(width, height))
-        FigureCanvasAgg(fig)
-        return fig, [fig.add_subplot(1, columns, i + 1) for i in range(columns)]
+    - `assets/scores.png`: `plots.plot_scores` of every critique the critique stages wrote (before filtering)
+      and of the pushed pairs, with the report's panel titles. From the same run it is the report's
+      `scores.png` byte for byte when the critiques come from one critique stage (the usual pipeline).
+    - `assets/margin.png`: `plots.plot_margin`, when the rows have a margin.
+    """
+    from . import plots
 
     frame = inputs.frame
     if not {"chosen_score", "rejected_score"} <= set(frame.columns) or frame.height == 0:
         return {}
+    funnel = inputs.manifest["rows"]
+    # The critiques are those of the `critique` stages (publish.card_inputs); the rows are the last stage's.
+    critique_stages = [plots.stage_label(entry["stage"], entry["kind"]) for entry in funnel
+                       if entry["kind"] == "critique"]
+    final_stage = plots.stage_label(funnel[-1]["stage"], funnel[-1]["kind"])
+    draw = {"scores": lambda path: plots.plot_scores(path, final=frame, critiques=inputs.critique_scores,
+                                                      critique_title=plots.critiques_title(critique_stages),
+                                                      final_title=plots.pairs_title(final_stage)),
+            "margin": lambda path: plots.plot_margin(frame, path)}
     written = {}
-    panels = []
-    if inputs.critique_scores is not None and inputs.critique_scores.height:
-        panels.append(("every critique, before filtering", inputs.critique_scores))
-    pair_scores = pl.concat([
-        frame.select(target=pl.lit("chosen"), score=pl.col("chosen_score").cast(pl.Float64)),
-        frame.select(target=pl.lit("rejected"), score=pl.col("rejected_score").cast(pl.Float64))])
-    panels.append(("surviving pairs (mean of kept critiques)", pair_scores))
-    fig, axes = figure(5.5 * len(panels), 3.6, len(panels))
-    for axis, (title, scores) in zip(axes, panels):
-        values = scores.drop_nulls("score")
-        low, high = values["score"].min(), values["score"].max()
-        bins = [x - 0.5 for x in range(int(low), int(high) + 2)] if low is not None else 10
-        for target, color in (("chosen", "tab:green"), ("rejected", "tab:red")):
-            data = values.filter(pl.col("target") == target)["score"].to_list()
-            axis.hist(data, bins=bins, alpha=0.55, color=color, label=f"{target} (n={len(data)})")
-        axis.set_title(title, fontsize=10)
-        axis.set_xlabel("score")
-        axis.set_ylabel("count")
-        axis.legend(fontsize=8)
-    fig.tight_layout()
-    path = directory / HISTOGRAMS["scores"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    written["scores"] = HISTOGRAMS["scores"]
-    if "margin" in frame.columns:
-        fig, (axis,) = figure(5.5, 3.6)
-        axis.hist(frame["margin"].drop_nulls().to_list(), bins=20, color="tab:blue")
-        axis.set_title("margin: chosen score - rejected score", fontsize=10)
-        axis.set_xlabel("margin")
-        axis.set_ylabel("pairs")
-        fig.tight_layout()
-        fig.savefig(directory / HISTOGRAMS["margin"], dpi=100, metadata={"Software": None})
-        written["margin"] = HISTOGRAMS["margin"]
+    for name, plot in draw.items():
+        try:
+            plot(directory / HISTOGRAMS[name])
+            written[name] = HISTOGRAMS[name]
+        except plots.NoData:
+            pass  # only null scores, or no margin column: the card shows the other histogram, or none
     return written
 
 
 # -- body ------------------------------------------------------------------------------------------
-
-
-def _cell(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _fence(text: str, language: str = "") -> str:
-    ticks = "```"
-    while ticks in text:
-        ticks += "`"
-    return f"{ticks}{language}\n{text.rstrip()}\n{ticks}"
-
-
-def _short(text: str, limit: int = 400) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-_MARKDOWN = re.compile(r"([\\`*_\[\]<>#|~])")
-
-
-def _inline(text: str, limit: int = 400) -> str:
-    """Data shown in running text: shortened, with Markdown/HTML characters escaped so a row cannot restyle
-    the card."""
-    return _MARKDOWN.sub(r"\\\1", _short(text, limit))
 
 
 def _formats_section(inputs: CardInputs) -> str:
@@ -228,8 +173,8 @@ def _formats_section(inputs: CardInputs) -> str:
     first = inputs.default_format or next(iter(inputs.formats), "trl")
     return "\n\n".join([
         "## Configs (one per trainer format)",
-        _table(["config", "rows", "how to use"], rows),
-        _fence(f'from datasets import load_dataset\n\nds = load_dataset("{repo}", "{first}")', "python"),
+        markdown_table(["config", "rows", "how to use"], rows),
+        fence(f'from datasets import load_dataset\n\nds = load_dataset("{repo}", "{first}")', "python"),
         "Train and test are split by a hash of the prompt: no prompt appears in both splits.",
         *([MARGIN_NOTE] if set(MARGIN_FORMATS) & set(inputs.formats) else []),
     ])
@@ -241,7 +186,7 @@ def _lengths_section(inputs: CardInputs) -> str:
     if not rows:
         return ""
     return "\n\n".join(["## Sequence lengths", LENGTHS_NOTE,
-                         _table(["config", "unit", "rows", "p50", "p90", "p99", "max"], rows)])
+                         markdown_table(["config", "unit", "rows", "p50", "p90", "p99", "max"], rows)])
 
 
 def _sampling_rows(inputs: CardInputs) -> list[list[Any]]:
@@ -270,7 +215,7 @@ def _made_section(inputs: CardInputs) -> str:
              f"{manifest.get('seconds', '?')} s."]
     models = manifest.get("models") or {}
     if models:
-        parts += ["### Models and backends", _table(
+        parts += ["### Models and backends", markdown_table(
             ["name", "backend", "model / identity", "calls (requested / cached / sent / failed)"],
             [[name, info.get("identity", {}).get("backend", "?"),
               {k: v for k, v in info.get("identity", {}).items() if k != "backend"},
@@ -278,10 +223,10 @@ def _made_section(inputs: CardInputs) -> str:
              for name, info in models.items()])]
     sampling = _sampling_rows(inputs)
     if sampling:
-        parts += ["### Sampling", _table(["stage", "kind", "model", "prompt", "settings"], sampling)]
+        parts += ["### Sampling", markdown_table(["stage", "kind", "model", "prompt", "settings"], sampling)]
     templates = manifest.get("templates") or {}
     if templates:
-        parts += ["### Prompt templates", _table(["template", "sha256 (first 16 hex)"],
+        parts += ["### Prompt templates", markdown_table(["template", "sha256 (first 16 hex)"],
                                                   [[f"`{path}`", f"`{sha}`"] for path, sha in templates.items()])]
     tokens = manifest.get("tokens") or {}
     calls = manifest.get("model_calls") or {}
@@ -298,7 +243,7 @@ def _made_section(inputs: CardInputs) -> str:
             parts.append("Note: this file differs from the configuration the run used (its hash is not the "
                          "manifest's `config_sha256`; the run may have used `--set` overrides or the file was "
                          "edited since).")
-        parts.append(_fence(inputs.pipeline_text, "yaml"))
+        parts.append(fence(inputs.pipeline_text, "yaml"))
         parts.append("It is also in this repository as `selfalign/pipeline.yaml`.")
     else:
         parts.append(f"The pipeline file (`{inputs.pipeline_file}`) was not available when this card was made.")
@@ -307,7 +252,7 @@ def _made_section(inputs: CardInputs) -> str:
     parts += ["### Reproduce", f"With selfalign {manifest.get('selfalign_version', __version__)} installed, the "
               "pipeline file above saved as `pipeline.yaml` and its input data beside it (local paths are shown "
               "by file name only):",
-              _fence(command, "bash"),
+              fence(command, "bash"),
               "Every model call is cached in the run directory; with the same models, sampling seeds and "
               "templates (hashes above) the run is repeatable."]
     return "\n\n".join(parts)
@@ -320,11 +265,11 @@ def _funnel_section(inputs: CardInputs) -> str:
             for f in funnel]
     parts = ["## Row funnel", "Rows in and out of each stage, and why rows were dropped (every dropped row is kept "
              "with its reason in the run directory's `dropped/`).",
-             _table(["stage", "kind", "in", "out", "dropped", "drop reasons"], rows)]
-    critiques = [f["metrics"] for f in funnel if "critiques_before" in (f.get("metrics") or {})]
+             markdown_table(["stage", "kind", "in", "out", "dropped", "drop reasons"], rows)]
+    critiques = [f["metrics"] for f in funnel if CRITIQUES_BEFORE in (f.get("metrics") or {})]
     for metrics in critiques:
-        parts.append(f"Critiques kept by the consistency filter: {metrics.get('critiques_kept')} of "
-                     f"{metrics.get('critiques_before')}.")
+        parts.append(f"Critiques kept by the consistency filter: {metrics.get(CRITIQUES_KEPT)} of "
+                     f"{metrics.get(CRITIQUES_BEFORE)}.")
     return "\n\n".join(parts)
 
 
@@ -342,7 +287,7 @@ def _sources_section(inputs: CardInputs) -> str:
         rows.append([source, n, share, ", ".join(f"{s}: {c}" for s, c in per_split.items())])
     parts.append("Pairs by origin: `human` pairs come with a human preference label (the critiques were checked "
                  "against it); other sources were made by a model.")
-    parts.append(_table(["source", "pairs", "share", "per split"], rows))
+    parts.append(markdown_table(["source", "pairs", "share", "per split"], rows))
     return "\n\n".join(parts)
 
 
@@ -350,17 +295,16 @@ def _agreement_section(inputs: CardInputs) -> str:
     rows = []
     for f in inputs.manifest.get("rows") or []:
         metrics = f.get("metrics") or {}
-        if "agreement_with_human_before" in metrics or "agreement_with_human_after" in metrics:
+        if AGREEMENT_BEFORE in metrics or AGREEMENT_AFTER in metrics:
             fmt = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-            rows.append([f["stage"], f["kind"], fmt(metrics.get("agreement_with_human_before")),
-                         fmt(metrics.get("agreement_with_human_after"))])
+            rows.append([f["stage"], f["kind"], fmt(metrics.get(AGREEMENT_BEFORE)), fmt(metrics.get(AGREEMENT_AFTER))])
     if not rows:
         return "## Agreement with human labels\n\nNo stage of this pipeline compared the critiques with human labels."
     return "\n\n".join([
         "## Agreement with human labels",
         "Share of human-labelled pairs whose critique scores order the pair the way the human did, before and after "
         "the consistency filter (after filtering it is 100% by construction: disagreeing pairs are dropped).",
-        _table(["stage", "kind", "before filtering", "after filtering"], rows)])
+        markdown_table(["stage", "kind", "before filtering", "after filtering"], rows)])
 
 
 def _scores_section(inputs: CardInputs, images: dict[str, str]) -> str:
@@ -379,7 +323,6 @@ def _scores_section(inputs: CardInputs, images: dict[str, str]) -> str:
         parts.append("These rows carry no critique scores.")
     for name, path in images.items():
         parts.append(f"![{name} histogram]({path})")
-    parts += inputs.notes
     return "\n\n".join(parts)
 
 
@@ -391,11 +334,11 @@ def _examples_section(inputs: CardInputs, count: int = 3) -> str:
     parts = ["## Examples", f"The first {sample.height} training pairs (by row id), shortened."]
     for number, row in enumerate(sample.iter_rows(named=True), 1):
         prompt = row["prompt"]
-        conversation = "\n".join(f"{m['role']}: {_short(m['content'], 300)}" for m in prompt[-3:])
+        conversation = "\n".join(f"{m['role']}: {shorten(m['content'], 300)}" for m in prompt[-3:])
         if len(prompt) > 3:
             conversation = f"({len(prompt) - 3} earlier messages)\n" + conversation
         lines = [f"### Example {number}" + (f" ({row['source']})" if row.get("source") else ""),
-                 _fence(conversation), f"**chosen**: {_inline(row['chosen'])}", f"**rejected**: {_inline(row['rejected'])}"]
+                 fence(conversation), f"**chosen**: {markdown_inline(row['chosen'])}", f"**rejected**: {markdown_inline(row['rejected'])}"]
         if row.get("chosen_score") is not None:
             lines.append(f"Scores: chosen {row['chosen_score']:.2f}, rejected {row['rejected_score']:.2f}"
                          + (f", margin {row['margin']:.2f}" if row.get("margin") is not None else "") + ".")
@@ -404,7 +347,7 @@ def _examples_section(inputs: CardInputs, count: int = 3) -> str:
             if critiques:
                 first = critiques[0]
                 lines.append(f"A kept critique of the {target} answer (score {first['score']:g}): "
-                             f"*{_inline(first['text'], 300)}*")
+                             f"*{markdown_inline(first['text'], 300)}*")
         parts.append("\n\n".join(lines))
     return "\n\n".join(parts)
 
@@ -422,7 +365,7 @@ def _data_source_section(inputs: CardInputs) -> str:
             else:
                 where = f"`{source['name']}` (a local {source['kind']}, named without its path)"
             rows.append([where, source.get("license") or "not declared", source.get("attribution") or "-"])
-        parts.append(_table(["input", "license", "attribution"], rows))
+        parts.append(markdown_table(["input", "license", "attribution"], rows))
         if any(not source.get("license") for source in inputs.sources):
             parts.append("The input data's license was not declared: check its terms before sharing this dataset "
                          "(declare it with `source_license:` / `source_attribution:` under the publish stage's "

@@ -1,4 +1,5 @@
-"""The report's plots, one function per PNG; the dataset card embeds the same files.
+"""The report's plots, one function per PNG; the dataset card draws its histograms with the same
+`plot_scores` (and `plot_margin`), so the two show scores alike.
 
 Each `plot_*` function takes the run's manifest and/or polars frames (or a table made by the matching
 `*_table` function, which the HTML report also prints), writes one PNG and returns its path. When the run
@@ -10,11 +11,13 @@ importing this module never opens a window or changes another caller's backend.
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
 import polars as pl
+
+from .markup import shorten
+from .metrics import CRITIQUE_COLUMNS, VERDICTS, agreement_share, critique_verdict, human_verdicts
 
 # Colours that stay apart in print and for the common colour-vision deficiencies (Okabe-Ito).
 KEPT, CHOSEN, REJECTED, NEUTRAL = "#009E73", "#0072B2", "#D55E00", "#999999"
@@ -44,10 +47,6 @@ def _save(figure, path: Path) -> Path:
     # No "Software" tag: the same run gives byte-identical PNGs across matplotlib patch versions.
     figure.savefig(path, format="png", metadata={"Software": None})
     return path
-
-
-def _short(text: str, width: int = 48) -> str:
-    return textwrap.shorten(str(text), width=width, placeholder="...")
 
 
 def _count_formatter():
@@ -95,7 +94,7 @@ def plot_funnel(manifest: dict[str, Any], path: Path) -> Path:
         if notes:
             axis.text(left, y, " " + ", ".join(notes), va="center", fontsize=8)
     for reason in reasons:  # one legend entry per reason, in a stable order
-        axis.barh(0, 0, color=colours[reason], label=_short(reason, 70))
+        axis.barh(0, 0, color=colours[reason], label=shorten(reason, 70))
     axis.set_yticks(range(len(labels)), labels)
     axis.set_xlabel("rows (kept + dropped = rows in)")
     axis.set_title("Rows per stage: kept, and dropped by reason", fontsize=10)
@@ -162,40 +161,48 @@ def plot_scores(path: Path, final: pl.DataFrame | None = None, critiques: pl.Dat
     return _save(figure, path)
 
 
+def critiques_title(stage_labels: Sequence[str]) -> str:
+    """The title of plot_scores' left panel for the critiques written by these stages."""
+    return "every critique after " + ", ".join(stage_labels)
+
+
+def pairs_title(stage: str) -> str:
+    """The title of plot_scores' right panel for the pairs in this stage's rows."""
+    return f"pairs after {stage}: chosen_score, rejected_score"
+
+
+def plot_margin(final: pl.DataFrame, path: Path) -> Path:
+    """Histogram of the pairs' `margin` (chosen_score - rejected_score), 20 bins."""
+    margins = final["margin"].drop_nulls() if "margin" in final.columns else pl.Series("margin", [], pl.Float64)
+    if margins.len() == 0:
+        raise NoData("the rows carry no margin")
+    figure = _figure(4.6, 3.3)
+    axis = figure.add_subplot()
+    axis.hist(margins.to_list(), bins=20, color=CHOSEN)
+    axis.set_title("margin: chosen score - rejected score", fontsize=9)
+    axis.set_xlabel("margin")
+    axis.set_ylabel("pairs")
+    return _save(figure, path)
+
+
 # -- agreement with the human labels --------------------------------------------------------------------
 
-VERDICTS = ("agrees", "tied", "disagrees", "no_scores")
 VERDICT_TITLES = {"agrees": "critique prefers chosen (agrees)", "tied": "tied",
                   "disagrees": "critique prefers rejected", "no_scores": "no scores"}
 
 
-def _mean_score(column: str) -> pl.Expr:
-    return pl.col(column).list.eval(pl.element().struct.field("score")).list.mean()
-
-
-def _verdict(df: pl.DataFrame) -> pl.Expr:
-    chosen, rejected = _mean_score("chosen_critiques"), _mean_score("rejected_critiques")
-    return (pl.when(chosen.is_null() | rejected.is_null()).then(pl.lit("no_scores"))
-            .when(chosen > rejected).then(pl.lit("agrees"))
-            .when(chosen < rejected).then(pl.lit("disagrees"))
-            .otherwise(pl.lit("tied")))
-
-
 def agreement_table(stages: Sequence[Stage]) -> pl.DataFrame:
     """For the human rows after each stage that carries critiques: how many the critique scores order as the
-    human did (chosen mean above rejected mean), tie, reverse, or cannot score. The human's preferred answer
-    is always `chosen`, so this is the confusion table's one human row per stage; `agreement` matches the
-    manifest's agreement_with_human."""
+    human did (chosen mean above rejected mean), tie, reverse, or cannot score (`metrics.human_verdicts`). The
+    human's preferred answer is always `chosen`, so this is the confusion table's one human row per stage;
+    `agreement` is `metrics.agreement_with_human`, as the manifest records it."""
     rows = []
     for index, kind, df, _ in stages:
-        if not {"chosen_critiques", "rejected_critiques", "source"} <= set(df.columns):
+        verdicts = human_verdicts(df)
+        if verdicts is None:
             continue
-        human = df.filter(pl.col("source") == "human")
-        counts = dict(human.select(v=_verdict(human)).group_by("v").len().rows()) if human.height else {}
-        row = {"stage": index, "kind": kind, "human_rows": human.height,
-               **{v: counts.get(v, 0) for v in VERDICTS}}
-        row["agreement"] = round(row["agrees"] / human.height, 4) if human.height else None
-        rows.append(row)
+        rows.append({"stage": index, "kind": kind, "human_rows": sum(verdicts.values()), **verdicts,
+                     "agreement": agreement_share(verdicts)})
     schema = {"stage": pl.Int64, "kind": pl.Utf8, "human_rows": pl.Int64, **{v: pl.Int64 for v in VERDICTS},
               "agreement": pl.Float64}
     return pl.DataFrame(rows, schema=schema)
@@ -352,13 +359,12 @@ def category_table(stages: Sequence[Stage], column: str = "category") -> pl.Data
     """Per category: human pairs that reached the first critique stage, the share whose critiques agree with
     the human label there (before any filter), and the share of them still in the final stage."""
     with_category = [s for s in stages if column in s[2].columns]
-    critiqued = [s for s in with_category
-                 if {"chosen_critiques", "rejected_critiques", "source"} <= set(s[2].columns)]
+    critiqued = [s for s in with_category if CRITIQUE_COLUMNS <= set(s[2].columns)]
     if not critiqued:
         return pl.DataFrame(schema={column: pl.Utf8, "pairs": pl.Int64, "agreement_before": pl.Float64,
                                     "kept": pl.Int64, "kept_share": pl.Float64})
     first = critiqued[0][2].filter(pl.col("source") == "human")
-    first = first.with_columns(_agrees=_verdict(first) == "agrees", _key=pl.col(column).cast(pl.Utf8))
+    first = first.with_columns(_agrees=critique_verdict() == "agrees", _key=pl.col(column).cast(pl.Utf8))
     final = stages[-1][2]
     kept_ids = set(final["row_id"].to_list()) if "row_id" in final.columns else set()
     first = first.with_columns(_kept=pl.col("row_id").is_in(list(kept_ids)) if "row_id" in first.columns
@@ -377,7 +383,7 @@ def plot_category_agreement(table: pl.DataFrame, path: Path, column: str = "cate
     table = table.head(top)
     figure = _figure(7.5, 0.42 * table.height + 1.5)
     axis = figure.add_subplot()
-    labels = [f"{_short(c or '(none)', 28)} (n={n:,})" for c, n in table.select(column, "pairs").rows()]
+    labels = [f"{shorten(c or '(none)', 28)} (n={n:,})" for c, n in table.select(column, "pairs").rows()]
     ys = list(range(table.height))
     axis.barh([y - 0.2 for y in ys], table["agreement_before"].to_list(), height=0.38, color=CHOSEN,
               label="critiques agree with human, before filtering")

@@ -1,15 +1,15 @@
 """`selfalign report RUN_DIR`: one self-contained HTML page about a finished run, plus its plots as PNGs.
 
 `report/index.html` embeds every plot as a data: URI and carries its own CSS, so it opens from disk (or as
-an e-mail attachment) with no network request; the same PNGs are written beside it (`report/*.png`) for the
-dataset card. A plot the run has no data for is left out with a note saying why.
+an e-mail attachment) with no network request; the same PNGs are written beside it (`report/*.png`). A plot
+the run has no data for is left out with a note saying why. The plots are drawn by plots.py, which the dataset
+card's histograms use too.
 """
 
 from __future__ import annotations
 
 import base64
 import fcntl
-import html
 import json
 import re
 from collections import Counter
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import RunError
+from .markup import esc, html_table
+from .metrics import AGREEMENT_AFTER, AGREEMENT_BEFORE
 
 if TYPE_CHECKING:  # imported where used, so that `selfalign --help` does not pay for polars and matplotlib
     import polars as pl
@@ -126,7 +128,7 @@ def _first_critiques(run: RunData) -> tuple[str, pl.DataFrame | None]:
 
     for index, kind, df, _ in run.stages:
         if {"chosen_critiques", "rejected_critiques"} <= set(df.columns):
-            return f"every critique after {plots.stage_label(index, kind)}", plots.critique_scores(df)
+            return plots.critiques_title([plots.stage_label(index, kind)]), plots.critique_scores(df)
     return "", None
 
 
@@ -136,13 +138,12 @@ def _final_pairs(run: RunData) -> tuple[str, pl.DataFrame | None]:
 
     for index, kind, df, _ in reversed(run.stages):
         if {"chosen_score", "rejected_score"} <= set(df.columns):
-            return f"pairs after {plots.stage_label(index, kind)}: chosen_score, rejected_score", df
+            return plots.pairs_title(plots.stage_label(index, kind)), df
     return "", None
 
 
 def render_plots(run: RunData, directory: Path) -> list[Plot]:
-    """Write every plot the run has data for into `directory`; return them all, skipped ones with a note.
-    The dataset card can call this and embed the same PNGs."""
+    """Write every plot the run has data for into `directory`; return them all, skipped ones with a note."""
     from . import plots
 
     directory = Path(directory)
@@ -183,31 +184,8 @@ def render_plots(run: RunData, directory: Path) -> list[Plot]:
 
 # -- HTML pieces -------------------------------------------------------------------------------------------
 
-def esc(value: Any) -> str:
-    return html.escape("" if value is None else str(value))
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, (dict, list)):
-        return esc(json.dumps(value, ensure_ascii=False))
-    return esc(value)
-
-
-def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
-    numeric = numeric if numeric is not None else {
-        i for i in range(len(headers)) if rows and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows)}
-    head = "".join(f"<th{' class=num' if i in numeric else ''}>{esc(h)}</th>" for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f"<td{' class=num' if i in numeric else ''}>{_cell(v)}</td>"
-                                    for i, v in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _table_html(df: pl.DataFrame) -> str:
-    return _table(df.columns, [list(r) for r in df.rows()]) if df.height else ""
+    return html_table(df.columns, [list(r) for r in df.rows()]) if df.height else ""
 
 
 def _funnel_html(manifest: dict[str, Any]) -> str:
@@ -218,7 +196,7 @@ def _funnel_html(manifest: dict[str, Any]) -> str:
         rows.append([s["stage"], s["kind"], s["in"], s["out"], s["dropped"], reasons or "-",
                      f"{s['agreement_with_human']:.1%}" if s.get("agreement_with_human") is not None else "-",
                      json.dumps(metrics, ensure_ascii=False) if metrics else "-"])
-    return _table(["stage", "kind", "in", "out", "dropped", "drop reasons", "agreement with human", "metrics"],
+    return html_table(["stage", "kind", "in", "out", "dropped", "drop reasons", "agreement with human", "metrics"],
                   rows, numeric={0, 2, 3, 4, 6})
 
 
@@ -230,7 +208,7 @@ def _scores_html(run: RunData, final: pl.DataFrame | None) -> str:
         if column in final.columns and final[column].drop_nulls().len():
             values = final[column].drop_nulls()
             stats.append([column, values.len(), values.mean(), values.median(), values.min(), values.max()])
-    return _table(["column", "pairs", "mean", "median", "min", "max"], stats)
+    return html_table(["column", "pairs", "mean", "median", "min", "max"], stats)
 
 
 def _agreement_html(manifest: dict[str, Any], table: pl.DataFrame) -> str:
@@ -241,14 +219,13 @@ def _agreement_html(manifest: dict[str, Any], table: pl.DataFrame) -> str:
                 for r in table.iter_rows(named=True)]
         parts.append("<p>Confusion table for the human pairs: the human prefers <code>chosen</code> in every stored "
                      "pair; the columns say which answer the mean critique score prefers.</p>")
-        parts.append(_table(["stage", "human prefers chosen", "critique prefers chosen", "tied",
+        parts.append(html_table(["stage", "human prefers chosen", "critique prefers chosen", "tied",
                              "critique prefers rejected", "no scores", "agreement"], rows, numeric={1, 2, 3, 4, 5, 6}))
-    filters = [[s["stage"], s["kind"], s["metrics"].get("agreement_with_human_before"),
-                s["metrics"].get("agreement_with_human_after")]
-               for s in manifest.get("rows", []) if "agreement_with_human_before" in (s.get("metrics") or {})]
+    filters = [[s["stage"], s["kind"], s["metrics"].get(AGREEMENT_BEFORE), s["metrics"].get(AGREEMENT_AFTER)]
+               for s in manifest.get("rows", []) if AGREEMENT_BEFORE in (s.get("metrics") or {})]
     if filters:
         parts.append("<p>Consistency filters, as recorded in the manifest:</p>")
-        parts.append(_table(["stage", "kind", "agreement before", "agreement after"], filters))
+        parts.append(html_table(["stage", "kind", "agreement before", "agreement after"], filters))
     return "".join(parts)
 
 
@@ -260,7 +237,7 @@ def _lengths_html(manifest: dict[str, Any]) -> str:
     if not rows:
         return ""
     note = re.sub(r"`([^`]*)`", r"<code>\1</code>", esc(LENGTHS_NOTE))
-    return f"<p>{note}</p>" + _table(["format", "unit", "rows", "p50", "p90", "p99", "max"], rows,
+    return f"<p>{note}</p>" + html_table(["format", "unit", "rows", "p50", "p90", "p99", "max"], rows,
                                      numeric={2, 3, 4, 5, 6})
 
 
@@ -280,7 +257,7 @@ def _cost_html(manifest: dict[str, Any]) -> str:
                      calls.get("failed", 0), tokens.get("prompt", 0), tokens.get("completion", 0), None, None])
     if not rows:
         return "<p>No model was called.</p>"
-    return _table(["model", "backend: model", "calls requested", "cached", "sent", "failed", "prompt tokens",
+    return html_table(["model", "backend: model", "calls requested", "cached", "sent", "failed", "prompt tokens",
                    "completion tokens", "seconds in calls", "completion tok/s"], rows, numeric=set(range(2, 10)))
 
 
