@@ -6,30 +6,10 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from .config import LoadedPipeline
+from .config import LoadedPipeline, effective_models
 from .errors import ConfigError
-from .models import DEFAULT_MODEL_NAME, LlamaCppModel
+from .paths import PROJECT_ROOT, resolve_path
 from .prompts import TemplateError, load_template
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def effective_models(pipeline) -> dict:
-    """The pipeline's models, plus the embedded default under `default` when a stage relies on it."""
-    models = dict(pipeline.models)
-    models.setdefault(DEFAULT_MODEL_NAME, LlamaCppModel())
-    return models
-
-
-def resolve_path(value: str, pipeline_path: Path) -> Path:
-    """Relative paths are looked up in the current directory, then beside the pipeline file, then in the
-    selfalign checkout (for the bundled prompts/)."""
-    path = Path(value)
-    if path.is_absolute():
-        return path
-    candidates = [Path.cwd() / path, pipeline_path.parent / path, PROJECT_ROOT / path]
-    return next((c for c in candidates if c.exists()), candidates[0])
-
 
 def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
     pipeline = loaded.pipeline

@@ -1,4 +1,5 @@
-"""`selfalign` command line. Thin: each verb parses its arguments and calls the library."""
+"""`selfalign` command line: every verb's arguments (`build_parser`) and a thin `cmd_<verb>` that calls the
+library and prints. No other module uses argparse."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ def cmd_run(args) -> int:
     from .cache import holds_replies
     from .config import load_pipeline
     from .errors import disk_failure
+    from .rundir import DROPPED, stage_path
     from .runner import run_dir_for, run_pipeline
 
     loaded = load_pipeline(args.file, (args.set or []) + executor_overrides(args))
@@ -35,7 +37,7 @@ def cmd_run(args) -> int:
                f"cached, {calls['sent']} sent, {calls['failed']} failed")
     if calls["failed"]:
         # Printed even with --quiet: a script or a person must not read this run as a clean success.
-        where = ", ".join(str(run_dir / "dropped" / f"{stage['stage']:02d}-{stage['kind']}.parquet")
+        where = ", ".join(str(stage_path(run_dir, stage["stage"], stage["kind"], DROPPED))
                           for stage in manifest["rows"] if stage["model_calls"]["failed"])
         print(f"finished with {calls['failed']} failed model calls in {manifest['seconds']:.1f}s: {summary}. "
               f"Their rows are in {where} (status, error, raw_output); run the same command again to retry only "
@@ -93,6 +95,49 @@ def cmd_render(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .publish import CardOptions, card_options_from_pipeline, push_frames
+    from .finished_run import load_run
+
+    run = load_run(args.run_dir)
+    declared = card_options_from_pipeline(run)
+    given = {"language": args.language, "license": args.license, "license_name": args.license_name,
+             "license_link": args.license_link, "source_license": args.source_license,
+             "source_attribution": args.source_attribution}
+    options = CardOptions(**{**declared, **{k: v for k, v in given.items() if v is not None}})
+    result = push_frames(run, args.repo, private=args.private, formats=args.format or None, options=options)
+    configs = ", ".join(f"{name} ({', '.join(f'{s} {n}' for s, n in splits.items())})"
+                        for name, splits in result["configs"].items())
+    print(f"pushed {result['repo_id']} ({'private' if result['private'] else 'public'}): {configs}\n"
+          f"load with: datasets.load_dataset({result['repo_id']!r}, {result['default']!r})")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .publish import export_run
+    from .finished_run import load_run
+
+    written = export_run(load_run(args.run_dir), args.format, args.to)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_run import inspect
+
+    print(inspect(args.run_dir, stage=args.stage, row_id=args.row_id, dropped=args.dropped, limit=args.limit),
+          end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfalign", description="Make preference data with a model judging "
                                      "itself, checked against human labels.")
@@ -127,10 +172,50 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--output", help="run directory whose cache serves earlier model stages")
     render.set_defaults(func=cmd_render)
 
-    from . import inspect_run, publish, report
-    publish.add_cli(sub)  # push, export
-    report.add_cli(sub)
-    inspect_run.add_cli(sub)
+    from .trainer_formats import FORMAT_NAMES
+
+    push = sub.add_parser("push", help="push a finished run to the Hugging Face Hub (private by default)")
+    push.add_argument("run_dir", metavar="RUN_DIR", help="run directory, e.g. outputs/<pipeline name>")
+    push.add_argument("--repo", required=True, help="dataset repo id, NAMESPACE/NAME")
+    visibility = push.add_mutually_exclusive_group()
+    visibility.add_argument("--private", dest="private", action="store_true", default=True,
+                            help="create the repo private (the default)")
+    visibility.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    push.add_argument("--format", action="append", choices=FORMAT_NAMES, metavar="FORMAT",
+                      help=f"push only this format (repeatable; default: every format the rows support): "
+                           f"{', '.join(FORMAT_NAMES)}")
+    card = push.add_argument_group("dataset card (default: the pipeline's publish stage hub:, if any)")
+    card.add_argument("--language", action="append", metavar="CODE",
+                      help="language of the data, an ISO 639 code such as en (repeatable; required unless the "
+                           "publish stage declares it)")
+    card.add_argument("--license", help="license of this dataset, a Hub license id (default: other)")
+    card.add_argument("--license-name", help="with license other: an id for it, e.g. my-license-1.0")
+    card.add_argument("--license-link", help="with license other: LICENSE (a file in the repo) or a URL")
+    card.add_argument("--source-license", help="license of the input data, e.g. mit")
+    card.add_argument("--source-attribution",
+                      help="credit for the input data, e.g. 'Anthropic HH-RLHF (Bai et al. 2022)'")
+    push.set_defaults(func=cmd_push)
+
+    export = sub.add_parser("export", help="write a finished run in one trainer format, for local training")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="run directory, e.g. outputs/<pipeline name>")
+    export.add_argument("--format", required=True, choices=FORMAT_NAMES, metavar="FORMAT",
+                        help=f"one of {', '.join(FORMAT_NAMES)}")
+    export.add_argument("--to", required=True, metavar="DIR", help="folder for <split>.parquet")
+    export.set_defaults(func=cmd_export)
+
+    report = sub.add_parser("report", help="write RUN_DIR/report/index.html with plots of a finished run")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. outputs/<pipeline name>")
+    report.set_defaults(func=cmd_report)
+
+    inspect = sub.add_parser("inspect", help="show rows of a run: prompt, answers, critiques and scores")
+    inspect.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. outputs/<pipeline name>")
+    inspect.add_argument("--stage", help="stage index, kind or file name (default: the last stage; with --row-id: "
+                                         "wherever the row ended)")
+    which = inspect.add_mutually_exclusive_group()
+    which.add_argument("--row-id", metavar="ID", help="one row (a unique prefix of its row_id is enough)")
+    which.add_argument("--dropped", metavar="REASON", help="rows dropped with this reason (exact, else substring)")
+    inspect.add_argument("--limit", type=int, default=3, help="rows to show (default 3)")
+    inspect.set_defaults(func=cmd_inspect)
     return parser
 
 

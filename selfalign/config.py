@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from .cache import canonical_json
 from .errors import ConfigError, ConfigErrors
 from .models import DEFAULT_MODEL_NAME, MODEL_CLASSES, ModelConfig, Strict
 from .stages import STAGES
@@ -23,7 +25,7 @@ from .yaml_source import line_for, load_yaml_with_lines
 # land in dropped/; more means something is wrong with the endpoint, the prompt or the model.
 DEFAULT_MAX_FAILED_FRACTION = 0.1
 
-StageUnion = Annotated[Union[tuple(cls for cls, _ in STAGES.values())], Field(discriminator="kind")]
+StageUnion = Annotated[Union[tuple(stage.config for stage in STAGES.values())], Field(discriminator="kind")]
 
 
 class Executor(Strict):
@@ -77,6 +79,26 @@ class LoadedPipeline:
     def place(self, *path) -> dict:
         """`file=` and `line=` for a ConfigError about `path`: the `--set` that wrote the value, else its line."""
         return _place(path, self.path, self.lines, self.overrides)
+
+    def file_alone_matches(self) -> bool | None:
+        """Whether the YAML file alone gives this configuration (not when --set changed it); None when the
+        file no longer loads."""
+        try:
+            return config_hash(load_pipeline(self.path)) == config_hash(self)
+        except Exception:  # noqa: BLE001 - changed or removed since: the card then says it cannot tell
+            return None
+
+
+def effective_models(pipeline: Pipeline) -> dict:
+    """The pipeline's models, plus the embedded default under `default` when a stage relies on it."""
+    models = dict(pipeline.models)
+    models.setdefault(DEFAULT_MODEL_NAME, MODEL_CLASSES["llamacpp"]())
+    return models
+
+
+def config_hash(loaded: LoadedPipeline) -> str:
+    """The manifest's `config_sha256`: the pipeline as loaded (--set applied), without executor settings."""
+    return hashlib.sha256(canonical_json(loaded.pipeline.model_dump(mode="json")).encode()).hexdigest()[:16]
 
 
 def override_path(assignment: str) -> tuple[str, ...]:
@@ -244,7 +266,7 @@ def _allowed_keys(yaml_path: list, data: dict) -> list[str]:
         return list(Pipeline.model_fields)
     if parent[0] == "stages" and len(parent) == 2:
         stage = data["stages"][parent[1]]
-        cls = STAGES.get(stage.get("kind"), (None,))[0] if isinstance(stage, dict) else None
+        cls = STAGES[stage["kind"]].config if isinstance(stage, dict) and stage.get("kind") in STAGES else None
         return list(cls.model_fields) if cls else []
     if parent == ["executor"]:
         return list(Executor.model_fields)
@@ -254,7 +276,7 @@ def _allowed_keys(yaml_path: list, data: dict) -> list[str]:
         return list(cls.model_fields) if cls else []
     if parent[0] == "stages" and len(parent) == 3:
         stage = data["stages"][parent[1]]
-        cls = STAGES.get(stage.get("kind"), (None,))[0] if isinstance(stage, dict) else None
+        cls = STAGES[stage["kind"]].config if isinstance(stage, dict) and stage.get("kind") in STAGES else None
         field = cls.model_fields.get(parent[2]) if cls else None
         annotation = getattr(field, "annotation", None)
         return list(getattr(annotation, "model_fields", {}))

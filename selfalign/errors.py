@@ -95,6 +95,10 @@ def disk_failure(exc: BaseException, run_dir: str) -> RunError | None:
                     "--output DIR to write elsewhere")
 
 
+class PublishError(SelfalignError):
+    """A run cannot be exported or pushed: names what is wrong and what to do."""
+
+
 class RunStopped(SelfalignError):
     """The run stopped itself part-way: too many calls failed, or an endpoint refuses every call.
 

@@ -26,109 +26,15 @@ from typing import Any, Callable, Iterable
 import polars as pl
 
 from .card import CardInputs, render_card, render_histograms
-from .errors import SelfalignError
+from .errors import PublishError
+from .manifest import RunContents
+from .rundir import stage_path
 from .trainer_formats import (FORMAT_NAMES, NEEDS, CritiquePrompt, default_critique_prompt, format_frame,
                               llama_factory_dataset_info, split_by_prompt)
 
 DEFAULT_TEST_SIZE = 0.1
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REDACTED = "<redacted>"
-
-
-class PublishError(SelfalignError):
-    """A run cannot be exported or pushed: names what is wrong and what to do."""
-
-
-# -- reading a run directory -----------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    run_dir: Path
-    manifest: dict[str, Any]
-    frame: pl.DataFrame                      # the final rows (canonical columns)
-    pipeline_text: str | None = None
-    pipeline_file: str | None = None
-    pipeline_matches_run: bool | None = None
-    loaded: Any = None                       # LoadedPipeline, when the YAML loads
-    test_row_ids: set[str] | None = None     # the test split the run's export stage made, if any
-
-    @property
-    def name(self) -> str:
-        return self.manifest.get("name") or self.run_dir.name
-
-    @property
-    def stages(self) -> list[Any] | None:
-        return self.loaded.pipeline.stages if self.loaded is not None else None
-
-
-def _stage_file(run_dir: Path, folder: str, entry: dict[str, Any]) -> Path:
-    return run_dir / folder / f"{entry['stage']:02d}-{entry['kind']}.parquet"
-
-
-def _pipeline_source(run_dir: Path, manifest: dict[str, Any]) -> tuple[Path | None, str | None]:
-    """The YAML the run used: a copy in the run directory (`pipeline.yaml`) or the manifest's `pipeline_file`."""
-    candidates = [run_dir / "pipeline.yaml"]
-    if manifest.get("pipeline_file"):
-        candidates.append(Path(manifest["pipeline_file"]))
-    for path in candidates:
-        try:
-            return path, path.read_text(encoding="utf-8")
-        except OSError:
-            continue
-    return None, None
-
-
-def _exported_test_ids(run_dir: Path, manifest: dict[str, Any]) -> set[str] | None:
-    for entry in manifest.get("rows") or []:
-        for name in (entry.get("metrics") or {}).get("exported", {}):
-            path = run_dir / "export" / name / "test.parquet"
-            try:
-                frame = pl.read_parquet(path, columns=["row_id"])
-            except Exception:  # noqa: BLE001 - missing file or no row_id: try the next format
-                continue
-            return set(frame["row_id"].to_list())
-    return None
-
-
-def load_run(run_dir: str | Path) -> Run:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PublishError(f"{run_dir} is not a run directory; pass outputs/<pipeline name> of a finished "
-                           "`selfalign run`")
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PublishError(f"{run_dir} has no manifest.json: the run has not finished; run `selfalign run "
-                           "PIPELINE.yaml` (it resumes from its cache) and publish after it completes") from None
-    except (OSError, ValueError) as exc:
-        raise PublishError(f"{run_dir / 'manifest.json'} cannot be read ({exc}); re-run the pipeline to "
-                           "rewrite it") from None
-    funnel = manifest.get("rows") or []
-    if manifest.get("status") != "complete" or not funnel:
-        raise PublishError(f"{run_dir}: the run is not complete (status {manifest.get('status')!r}); re-run "
-                           "`selfalign run PIPELINE.yaml` to finish it")
-    final = _stage_file(run_dir, "stages", funnel[-1])
-    try:
-        frame = pl.read_parquet(final)
-    except (OSError, pl.exceptions.PolarsError) as exc:
-        raise PublishError(f"{final} cannot be read ({exc}); re-run the pipeline to rewrite it") from None
-    run = Run(run_dir, manifest, frame)
-    path, text = _pipeline_source(run_dir, manifest)
-    if text is not None:
-        run.pipeline_text, run.pipeline_file = text, str(path)
-        try:
-            from .config import load_pipeline
-            from .runner import config_hash
-
-            run.loaded = load_pipeline(path)
-            run.pipeline_matches_run = config_hash(run.loaded) == manifest.get("config_sha256")
-        except Exception:  # noqa: BLE001 - the card then shows the YAML text only
-            run.loaded = None
-    else:
-        run.pipeline_file = manifest.get("pipeline_file")
-    run.test_row_ids = _exported_test_ids(run_dir, manifest)
-    return run
 
 
 def _test_size(stages: list[Any] | None) -> float:
@@ -138,7 +44,7 @@ def _test_size(stages: list[Any] | None) -> float:
     return DEFAULT_TEST_SIZE
 
 
-def run_splits(run: Run, test_size: float | None = None) -> dict[str, pl.DataFrame]:
+def run_splits(run: RunContents, test_size: float | None = None) -> dict[str, pl.DataFrame]:
     """The run's train/test split: the one its export stage wrote (by row id) when there is one, else by the
     prompt hash with the export stage's test_size (default 0.1)."""
     frame = run.frame
@@ -150,10 +56,10 @@ def run_splits(run: Run, test_size: float | None = None) -> dict[str, pl.DataFra
     return {name: part for name, part in splits.items() if part.height or name == "train"}
 
 
-def critique_prompt_for(run: Run) -> CritiquePrompt:
+def critique_prompt_for(run: RunContents) -> CritiquePrompt:
     """Re-render the critique stage's exact messages (template and hash checked against the manifest); the
     built-in prompt when the template is gone or changed."""
-    from .check import resolve_path
+    from .paths import resolve_path
     from .prompts import load_template
     from .stages.export import critique_prompt_from_stages
 
@@ -193,7 +99,7 @@ def _check_formats(formats: Iterable[str], frame: pl.DataFrame) -> list[str]:
     return formats
 
 
-def build_formats(run: Run, formats: Iterable[str], splits: dict[str, pl.DataFrame] | None = None) \
+def build_formats(run: RunContents, formats: Iterable[str], splits: dict[str, pl.DataFrame] | None = None) \
         -> dict[str, dict[str, pl.DataFrame]]:
     formats = _check_formats(formats, run.frame)
     splits = run_splits(run) if splits is None else splits
@@ -210,12 +116,11 @@ def build_formats(run: Run, formats: Iterable[str], splits: dict[str, pl.DataFra
 # -- local export ----------------------------------------------------------------------------------
 
 
-def export_run(run_dir: str | Path, fmt: str, to_dir: str | Path) -> dict[str, Path]:
+def export_run(run: RunContents, fmt: str, to_dir: str | Path) -> dict[str, Path]:
     """Write `<to_dir>/<split>.parquet` in format `fmt` (+ `dataset_info.json` for llama-factory); returns
     {split or 'dataset_info': path}."""
     from .stages.export import write_format
 
-    run = load_run(run_dir)
     frames = build_formats(run, [fmt])[fmt]
     to_dir = Path(to_dir)
     try:
@@ -265,7 +170,7 @@ class CardOptions:
         return found
 
 
-def data_sources(run: Run, options: CardOptions) -> list[dict[str, Any]] | None:
+def data_sources(run: RunContents, options: CardOptions) -> list[dict[str, Any]] | None:
     """The pipeline's input data (load stages, and mix stages' `add:`) as the card names it: the `hf:` id, or a
     local file's or folder's name only; None when the pipeline file is not available."""
     if run.stages is None:
@@ -293,7 +198,7 @@ def data_sources(run: Run, options: CardOptions) -> list[dict[str, Any]] | None:
 _PATH_REST = r"[^\s'\"`<>|,;()\[\]{}]*"  # a path goes on to the next space, quote or bracket
 
 
-def local_path_rewriter(run: Run) -> Callable[[str], str]:
+def local_path_rewriter(run: RunContents) -> Callable[[str], str]:
     """A function that rewrites local paths in text bound for the Hub (card, pipeline.yaml, manifest.json) to
     their last component, so that nothing shows a user's home directory, temp directory or disk layout.
 
@@ -404,14 +309,14 @@ def _write_text(path: Path, text: str, secrets: list[str], public: Callable[[str
     path.write_text(public(scrub(text, secrets)), encoding="utf-8")
 
 
-def card_inputs(run: Run, splits: dict[str, pl.DataFrame], formatted: dict[str, dict[str, pl.DataFrame]],
+def card_inputs(run: RunContents, splits: dict[str, pl.DataFrame], formatted: dict[str, dict[str, pl.DataFrame]],
                 default_format: str | None, options: CardOptions, repo_id: str | None) -> CardInputs:
     critique_scores = None
     for entry in run.manifest.get("rows") or []:
         if entry["kind"] != "critique":
             continue
         try:
-            stage = pl.read_parquet(_stage_file(run.run_dir, "stages", entry))
+            stage = pl.read_parquet(stage_path(run.run_dir, entry["stage"], entry["kind"]))
         except (OSError, pl.exceptions.PolarsError):
             continue
         parts = [stage.select(pl.col(f"{t}_critiques").alias("c")).explode("c").drop_nulls("c")
@@ -429,7 +334,7 @@ def card_inputs(run: Run, splits: dict[str, pl.DataFrame], formatted: dict[str, 
         language=list(options.language), sources=data_sources(run, options), repo_id=repo_id)
 
 
-def write_card(run: Run, directory: str | Path, formats: Iterable[str] | None = None, repo_id: str | None = None,
+def write_card(run: RunContents, directory: str | Path, formats: Iterable[str] | None = None, repo_id: str | None = None,
                options: CardOptions | None = None, existing_metadata: dict[str, Any] | None = None,
                secrets: Iterable[str] = (), splits: dict[str, pl.DataFrame] | None = None,
                formatted: dict[str, dict[str, pl.DataFrame]] | None = None) -> Path:
@@ -451,15 +356,6 @@ def _resolve_repo(api, repo_id: str) -> str:
     if "/" in repo_id:
         return repo_id
     return f"{api.whoami()['name']}/{repo_id}"
-
-
-def push_run(run_dir: str | Path, repo_id: str, private: bool = True, formats: Iterable[str] | None = None,
-             token: str | None = None, options: CardOptions | None = None,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Push a finished run to the Hub in one commit: one `datasets` config per format, the card, its histograms,
-    the LLaMA-Factory `dataset_info.json` and the pipeline + manifest. Returns {repo_id, url, private, configs}."""
-    run = load_run(run_dir)
-    return push_frames(run, repo_id, private=private, formats=formats, token=token, options=options, log=log)
 
 
 # datasets' push_to_hub default: shards of at most this many bytes of Arrow data.
@@ -508,7 +404,7 @@ def _merged_metadata(existing: dict[str, Any], infos: dict[str, Any], formats: d
     return {"configs": configs, "dataset_info": dataset_info if isinstance(dataset_info, list) else [dataset_info]}
 
 
-def push_frames(run: Run, repo_id: str, private: bool = True, formats: Iterable[str] | None = None,
+def push_frames(run: RunContents, repo_id: str, private: bool = True, formats: Iterable[str] | None = None,
                 token: str | None = None, options: CardOptions | None = None,
                 splits: dict[str, pl.DataFrame] | None = None,
                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -644,66 +540,12 @@ def _assert_no_secret(folder: Path, secrets: list[str]) -> None:
                                    "token from the pipeline file or data")
 
 
-# -- command line ----------------------------------------------------------------------------------
+# -- what the pipeline declares ---------------------------------------------------------------------
 
 
-def card_options_from_pipeline(run: Run) -> dict[str, Any]:
+def card_options_from_pipeline(run: RunContents) -> dict[str, Any]:
     """The card options of the pipeline's publish stage (`hub:`), if it has one: `selfalign push` starts from them."""
     for stage in reversed(run.stages or []):
         if stage.kind == "publish":
             return stage.hub.card_options()
     return {}
-
-
-def cmd_push(args) -> int:
-    run = load_run(args.run_dir)
-    declared = card_options_from_pipeline(run)
-    given = {"language": args.language, "license": args.license, "license_name": args.license_name,
-             "license_link": args.license_link, "source_license": args.source_license,
-             "source_attribution": args.source_attribution}
-    options = CardOptions(**{**declared, **{k: v for k, v in given.items() if v is not None}})
-    result = push_frames(run, args.repo, private=args.private, formats=args.format or None, options=options)
-    configs = ", ".join(f"{name} ({', '.join(f'{s} {n}' for s, n in splits.items())})"
-                        for name, splits in result["configs"].items())
-    print(f"pushed {result['repo_id']} ({'private' if result['private'] else 'public'}): {configs}\n"
-          f"load with: datasets.load_dataset({result['repo_id']!r}, {result['default']!r})")
-    return 0
-
-
-def cmd_export(args) -> int:
-    written = export_run(args.run_dir, args.format, args.to)
-    for name, path in written.items():
-        print(f"{name}: {path}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register `push` and `export` on the `selfalign` command line (`add_cli(sub)` in cli.build_parser)."""
-    push = subparsers.add_parser("push", help="push a finished run to the Hugging Face Hub (private by default)")
-    push.add_argument("run_dir", metavar="RUN_DIR", help="run directory, e.g. outputs/<pipeline name>")
-    push.add_argument("--repo", required=True, help="dataset repo id, NAMESPACE/NAME")
-    visibility = push.add_mutually_exclusive_group()
-    visibility.add_argument("--private", dest="private", action="store_true", default=True,
-                            help="create the repo private (the default)")
-    visibility.add_argument("--public", dest="private", action="store_false", help="create the repo public")
-    push.add_argument("--format", action="append", choices=FORMAT_NAMES, metavar="FORMAT",
-                      help=f"push only this format (repeatable; default: every format the rows support): "
-                           f"{', '.join(FORMAT_NAMES)}")
-    card = push.add_argument_group("dataset card (default: the pipeline's publish stage hub:, if any)")
-    card.add_argument("--language", action="append", metavar="CODE",
-                      help="language of the data, an ISO 639 code such as en (repeatable; required unless the "
-                           "publish stage declares it)")
-    card.add_argument("--license", help="license of this dataset, a Hub license id (default: other)")
-    card.add_argument("--license-name", help="with license other: an id for it, e.g. my-license-1.0")
-    card.add_argument("--license-link", help="with license other: LICENSE (a file in the repo) or a URL")
-    card.add_argument("--source-license", help="license of the input data, e.g. mit")
-    card.add_argument("--source-attribution",
-                      help="credit for the input data, e.g. 'Anthropic HH-RLHF (Bai et al. 2022)'")
-    push.set_defaults(func=cmd_push)
-
-    export = subparsers.add_parser("export", help="write a finished run in one trainer format, for local training")
-    export.add_argument("run_dir", metavar="RUN_DIR", help="run directory, e.g. outputs/<pipeline name>")
-    export.add_argument("--format", required=True, choices=FORMAT_NAMES, metavar="FORMAT",
-                        help=f"one of {', '.join(FORMAT_NAMES)}")
-    export.add_argument("--to", required=True, metavar="DIR", help="folder for <split>.parquet")
-    export.set_defaults(func=cmd_export)

@@ -11,7 +11,7 @@ from .config import load_pipeline
 from .errors import ConfigErrors, RunError
 from .progress import Progress
 from .runner import RunContext, run_dir_for, run_stages
-from .stages import REQUEST_BUILDERS
+from .stages import STAGES, model_stage_kinds
 
 
 def render(file: str, stage: int, row: int, overrides: list[str] = (), output: str | None = None) -> str:
@@ -23,8 +23,8 @@ def render(file: str, stage: int, row: int, overrides: list[str] = (), output: s
     if not 0 <= stage < len(stages):
         raise RunError(f"--stage {stage}: the pipeline has stages 0..{len(stages) - 1}")
     kind = stages[stage].kind
-    if kind not in REQUEST_BUILDERS:
-        model_stages = [f"{i} ({s.kind})" for i, s in enumerate(stages) if s.kind in REQUEST_BUILDERS]
+    if STAGES[kind].build_requests is None:
+        model_stages = [f"{i} ({s.kind})" for i, s in enumerate(stages) if s.kind in model_stage_kinds()]
         raise RunError(f"stage {stage} ({kind}) sends no model calls; model stages: {', '.join(model_stages)}")
     run_dir = run_dir_for(loaded, output)
     cache_path = run_dir / "cache.sqlite"
@@ -35,7 +35,7 @@ def render(file: str, stage: int, row: int, overrides: list[str] = (), output: s
         df, _ = run_stages(ctx, stop_before=stage, write=False)
         if row >= df.height:
             raise RunError(f"--row {row}: stage {stage} gets only {df.height} row(s) as input")
-        requests = REQUEST_BUILDERS[kind](df[row:row + 1], stages[stage], ctx)
+        requests = STAGES[kind].build_requests(df[row:row + 1], stages[stage], ctx)
     finally:
         ctx.close()
         if cache is not None:

@@ -20,27 +20,19 @@ import pytest
 from selfalign.config import load_pipeline
 from selfalign.render import render
 from selfalign.runner import run_pipeline
-from selfalign.stages import REQUEST_BUILDERS
+from selfalign.stages import model_stage_kinds
+from tests.support.fake_pipeline import fake_pipeline_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
 UPDATE = os.environ.get("SELFALIGN_UPDATE_GOLDEN") == "1"
 
 # A pairwise judge is not part of a ready pipeline: this one judges the quickstart pairs in both orders.
-JUDGE_PIPELINE = """\
-schema_version: 1
-name: judge_golden
-models:
-  judge: {backend: fake}
-stages:
-  - kind: load
-    path: pipelines/data/quickstart_pairs.jsonl
-    format: trl
-  - kind: judge
-    model: judge
-  - kind: export
-    formats: [trl]
-"""
+JUDGE_PIPELINE = fake_pipeline_yaml("judge_golden", [
+    {"kind": "load", "path": ROOT / "pipelines" / "data" / "quickstart_pairs.jsonl", "format": "trl"},
+    {"kind": "judge", "model": "judge"},
+    {"kind": "export", "formats": ["trl"]},
+], models=("judge",))
 
 # (case name, pipeline file, extra overrides). Together they use every template in prompts/.
 CASES = [
@@ -79,14 +71,14 @@ def test_rendered_prompts_match_golden_files(case, pipeline, extra, tmp_path, mo
     monkeypatch.chdir(ROOT)  # the pipelines name their data and prompts relative to the project
     if pipeline is None:
         path = tmp_path / "judge.yaml"
-        path.write_text(JUDGE_PIPELINE.replace("pipelines/data/", f"{ROOT}/pipelines/data/"))
+        path.write_text(JUDGE_PIPELINE)
     else:
         path = ROOT / pipeline
     overrides = fake_models(path) + extra
     run_dir = tmp_path / "run"
     run_pipeline(load_pipeline(path, overrides), output=run_dir, quiet=True)
     stages = load_pipeline(path, overrides).pipeline.stages
-    model_stages = [i for i, stage in enumerate(stages) if stage.kind in REQUEST_BUILDERS]
+    model_stages = [i for i, stage in enumerate(stages) if stage.kind in model_stage_kinds()]
     assert model_stages, f"{case}: no model stage to render"
     for index in model_stages:
         text = render(str(path), index, 0, overrides=overrides, output=str(run_dir))

@@ -9,34 +9,18 @@ import pytest
 from selfalign.cli import main
 from selfalign.config import load_pipeline
 from selfalign.runner import run_pipeline
-
-PIPELINE = """\
-schema_version: 1
-name: hh-fake
-models:
-  critic: {{backend: fake}}
-stages:
-  - kind: load
-    path: {data}
-    format: hh-rlhf
-    on_bad_row: drop
-  - kind: critique
-    model: critic
-    samples: 3
-  - kind: consistency
-    min_margin: 1
-  - kind: filter
-    where: "chosen_critiques_kept >= 2"
-    reason: too_few_consistent_critiques
-  - kind: export
-    formats: [trl, critic-rm]
-    test_size: 0.1
-"""
+from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
 
 
 @pytest.fixture
 def hh_pipeline(write_pipeline, hh_data):
-    return write_pipeline(PIPELINE.format(data=hh_data))
+    return write_pipeline(fake_pipeline_yaml("hh-fake", [
+        load_hh_rlhf(hh_data),
+        {"kind": "critique", "model": "critic", "samples": 3},
+        {"kind": "consistency", "min_margin": 1},
+        {"kind": "filter", "where": "chosen_critiques_kept >= 2", "reason": "too_few_consistent_critiques"},
+        {"kind": "export", "formats": ["trl", "critic-rm"], "test_size": 0.1},
+    ]))
 
 
 def test_full_run_accounts_for_every_row_and_reruns_from_cache(hh_pipeline, tmp_path):
@@ -107,7 +91,7 @@ def test_render_refuses_a_stage_that_sends_no_calls(hh_pipeline, capsys):
 
 def test_second_run_on_a_locked_directory_names_the_first_runs_pid(hh_pipeline, tmp_path):
     from selfalign.errors import RunError
-    from selfalign.runner import RunLock
+    from selfalign.rundir import RunLock
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -4,7 +4,6 @@ handed to each format's consumer."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -18,16 +17,20 @@ import pytest
 
 from selfalign.config import load_pipeline
 from selfalign.errors import SelfalignError
-from selfalign.publish import CardOptions, PublishError, add_cli, export_run, load_run, push_run, run_splits, write_card
+from selfalign.cli import build_parser
+from selfalign.publish import CardOptions, PublishError, push_frames, run_splits, write_card
+from selfalign.finished_run import load_run
 from selfalign.runner import run_pipeline
 from selfalign.trainer_formats import FORMAT_NAMES
 
 try:
     from tests.support.fake_hub import FakeHub, patch_hub_clients, subprocess_env
+    from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
     from tests.test_trainer_formats import consumer_llama_factory, consumer_openrlhf, consumer_trl
 except ImportError:  # tests/ is not a package on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.support.fake_hub import FakeHub, patch_hub_clients, subprocess_env
+    from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
     from tests.test_trainer_formats import consumer_llama_factory, consumer_openrlhf, consumer_trl
 
 HH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-test-1500.jsonl.gz"
@@ -35,47 +38,24 @@ TOKEN = "hf_test_publish_secret_token_5f2a9c"
 REPO = "test-user/critic-prefs"
 EN = CardOptions(language=["en"])  # the push requires the card to state the data's language
 
-CRITIC_RM = """\
-schema_version: 1
-name: critic-rm-hh
-models:
-  critic: {{backend: fake}}
-stages:
-  - kind: load
-    path: {data}
-    format: hh-rlhf
-    on_bad_row: drop
-  - kind: critique
-    model: critic
-    samples: 3
-  - kind: consistency
-    min_margin: 1
-  - kind: filter
-    where: "chosen_critiques_kept >= 2"
-    reason: too_few_consistent_critiques
-  - kind: export
-    formats: [trl, trl-implicit, openrlhf, llama-factory, critic-rm, cloud, critique-sft]
-    test_size: 0.2
-"""
+CRITIC_RM = fake_pipeline_yaml("critic-rm-hh", [
+    load_hh_rlhf(HH_DATA),
+    {"kind": "critique", "model": "critic", "samples": 3},
+    {"kind": "consistency", "min_margin": 1},
+    {"kind": "filter", "where": "chosen_critiques_kept >= 2", "reason": "too_few_consistent_critiques"},
+    {"kind": "export", "formats": ["trl", "trl-implicit", "openrlhf", "llama-factory", "critic-rm", "cloud",
+                                   "critique-sft"], "test_size": 0.2},
+])
 
-PAIRS_ONLY = """\
-schema_version: 1
-name: pairs-only
-stages:
-  - kind: load
-    path: {data}
-    format: hh-rlhf
-    on_bad_row: drop
-  - kind: export
-    formats: [trl]
-"""
+PAIRS_ONLY = fake_pipeline_yaml("pairs-only", [load_hh_rlhf(HH_DATA), {"kind": "export", "formats": ["trl"]}],
+                                models=())
 
 
-def make_run(tmp: Path, template: str, limit: int) -> Path:
+def make_run(tmp: Path, pipeline_yaml: str, limit: int) -> Path:
     if not HH_DATA.exists():
         pytest.fail(f"{HH_DATA} is missing: the tests need ../shared/data beside the project (CI has it)")
     pipeline = tmp / "pipeline.yaml"
-    pipeline.write_text(template.format(data=HH_DATA))
+    pipeline.write_text(pipeline_yaml)
     run_pipeline(load_pipeline(pipeline), output=tmp / "run", limit=limit, quiet=True)
     return tmp / "run"
 
@@ -93,9 +73,7 @@ def pairs_run(tmp_path_factory) -> Path:
 
 def cli(argv: list[str]) -> int:
     """The `push`/`export` verbs as selfalign's main() runs them: SelfalignError -> message on stderr, exit 2."""
-    parser = argparse.ArgumentParser(prog="selfalign")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except SelfalignError as exc:
@@ -146,8 +124,7 @@ def test_export_and_push_errors_say_what_to_do(critic_run, pairs_run, tmp_path, 
 
 
 def test_cli_arguments():
-    parser = argparse.ArgumentParser()
-    add_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["push", "outputs/x", "--repo", "me/x"])
     # None: the pipeline's publish stage (if any) or CardOptions' defaults decide.
     assert args.private is True and args.format is None and args.license is None and args.language is None
@@ -312,7 +289,7 @@ def test_push_creates_a_private_repo_that_loads_in_every_consumer(critic_run, tm
         assert cloud["chosen_feedback"] and isinstance(cloud["chosen_feedback"][0], str)
 
         # Pushing again updates the same repo in place (one new commit, same files, the other configs kept).
-        assert push_run(critic_run, REPO, formats=["trl"], options=EN, log=lambda _: None)["configs"]["trl"]
+        assert push_frames(load_run(critic_run), REPO, formats=["trl"], options=EN, log=lambda _: None)["configs"]["trl"]
         assert set(hub.repos[REPO]["files"]) == expected
         assert len(hub.repos[REPO]["commits"]) == 3
         again = DatasetCard(hub.repos[REPO]["files"]["README.md"].decode()).data.to_dict()
@@ -327,9 +304,9 @@ def test_push_never_changes_an_existing_repos_visibility(critic_run, tmp_path, m
         hub.add_repo("test-user/open", files={"notes.txt": b"hi"}, private=False)
         before = hub.repos["test-user/open"]["sha"]
         with pytest.raises(PublishError, match="already exists and is public; pass --public"):
-            push_run(critic_run, "test-user/open", formats=["trl"], options=EN, log=lambda _: None)
+            push_frames(load_run(critic_run), "test-user/open", formats=["trl"], options=EN, log=lambda _: None)
         assert hub.repos["test-user/open"]["sha"] == before and hub.repos["test-user/open"]["private"] is False
-        result = push_run(critic_run, "test-user/open", private=False, formats=["trl"], options=EN, log=lambda _: None)
+        result = push_frames(load_run(critic_run), "test-user/open", private=False, formats=["trl"], options=EN, log=lambda _: None)
         assert result["private"] is False and hub.repos["test-user/open"]["private"] is False
 
 
@@ -342,7 +319,7 @@ def test_a_rejected_token_is_reported_without_the_token(critic_run, tmp_path, mo
         err = capsys.readouterr().err
         assert "rejected the token (401); set HF_TOKEN to a valid write token or run `hf auth login`" in err
         with pytest.raises(PublishError) as raised:
-            push_run(critic_run, REPO, formats=["trl"], token=wrong, options=EN, log=lambda _: None)
+            push_frames(load_run(critic_run), REPO, formats=["trl"], token=wrong, options=EN, log=lambda _: None)
         assert REPO not in hub.repos
     assert wrong not in err + str(raised.value) + caplog.text
 
@@ -351,7 +328,7 @@ def test_push_without_any_token_says_how_to_log_in(critic_run, tmp_path, monkeyp
     with FakeHub(token=TOKEN) as hub:
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=None)
         with pytest.raises(PublishError, match="no Hugging Face token found; set HF_TOKEN .* `hf auth login`"):
-            push_run(critic_run, REPO, options=EN, log=lambda _: None)
+            push_frames(load_run(critic_run), REPO, options=EN, log=lambda _: None)
         assert hub.repos == {}
 
 
@@ -362,7 +339,7 @@ def test_a_push_that_fails_midway_leaves_no_repo_behind(critic_run, tmp_path, mo
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
         hub.fail("lfs-upload", 403, "Request has expired")
         with pytest.raises(PublishError) as raised:
-            push_run(critic_run, REPO, options=EN, log=lambda _: None)
+            push_frames(load_run(critic_run), REPO, options=EN, log=lambda _: None)
         message = str(raised.value)
         assert f"uploading and committing 20 files to {REPO} failed:" in message, message
         assert "the repo this push had created was deleted, so nothing is left on the Hub" in message
@@ -376,7 +353,7 @@ def test_a_push_that_fails_midway_leaves_no_repo_behind(critic_run, tmp_path, mo
         hub.fail("commit", 422, "Your push was rejected")
         hub.fail("delete-repo", 403, "You don't have the rights to delete this repo")
         with pytest.raises(PublishError) as raised:
-            push_run(critic_run, REPO, formats=["trl"], options=EN, log=lambda _: None)
+            push_frames(load_run(critic_run), REPO, formats=["trl"], options=EN, log=lambda _: None)
         message = str(raised.value)
         assert f"uploading and committing 7 files to {REPO} failed: the Hub at {hub.url} refused the push to " \
             f"{REPO} (422)" in message and "the Hub said: Your push was rejected" in message
@@ -392,7 +369,7 @@ def test_a_failed_push_leaves_an_existing_repo_as_it_was(critic_run, tmp_path, m
         before = hub.repos[REPO]
         hub.fail("commit", 422, "Your push was rejected")
         with pytest.raises(PublishError) as raised:
-            push_run(critic_run, REPO, formats=["trl"], options=EN, log=lambda _: None)
+            push_frames(load_run(critic_run), REPO, formats=["trl"], options=EN, log=lambda _: None)
         assert f"{REPO} is as it was before this push (nothing was committed)" in str(raised.value)
         assert "committing" in str(raised.value)
         assert hub.repos[REPO] == before and not hub.requests_to("delete-repo")
@@ -400,7 +377,7 @@ def test_a_failed_push_leaves_an_existing_repo_as_it_was(critic_run, tmp_path, m
         # A create_repo that fails names that step, and nothing is left.
         hub.fail("create-repo", 403, "You don't have the rights to create a repo under this namespace")
         with pytest.raises(PublishError, match="creating test-user/new failed: the token may not write"):
-            push_run(critic_run, "test-user/new", formats=["trl"], options=EN, log=lambda _: None)
+            push_frames(load_run(critic_run), "test-user/new", formats=["trl"], options=EN, log=lambda _: None)
         assert "test-user/new" not in hub.repos
 
 
@@ -408,11 +385,11 @@ def test_the_card_needs_a_language_and_checks_what_it_is_given(critic_run, tmp_p
     with FakeHub(token=TOKEN) as hub:
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
         with pytest.raises(PublishError, match=r"needs the data's language: add `language: \[en\]`.*--language en"):
-            push_run(critic_run, REPO, log=lambda _: None)
+            push_frames(load_run(critic_run), REPO, log=lambda _: None)
         with pytest.raises(PublishError, match="'English' is not an ISO 639 code|\\['English'\\] is not an ISO 639"):
-            push_run(critic_run, REPO, options=CardOptions(language=["English"]), log=lambda _: None)
+            push_frames(load_run(critic_run), REPO, options=CardOptions(language=["English"]), log=lambda _: None)
         with pytest.raises(PublishError, match="describe a license that is `other`, not 'mit'"):
-            push_run(critic_run, REPO, options=CardOptions(language=["en"], license="mit", license_name="x"),
+            push_frames(load_run(critic_run), REPO, options=CardOptions(language=["en"], license="mit", license_name="x"),
                      log=lambda _: None)
         assert hub.repos == {} and not hub.requests  # refused before any request
 
@@ -484,6 +461,13 @@ def test_publish_stage_pushes_the_rows_at_the_end_of_a_run(critic_run, tmp_path,
                                     limit=50, quiet=True)
             assert manifest["rows"][-1]["metrics"]["published"]["repo"] == "test-user/from-yaml"
             assert hub.repos["test-user/from-yaml"]["private"] is True
+            # The card pushed mid-run carries the run's own start time and its duration so far (one manifest
+            # builder), not the publish time and "? s.".
+            card = hub.repos["test-user/from-yaml"]["files"]["README.md"].decode()
+            pushed = json.loads(hub.repos["test-user/from-yaml"]["files"]["selfalign/manifest.json"])
+            assert pushed["started"] == manifest["started"] and f"started {manifest['started']}, " in card
+            assert 0 < pushed["seconds"] <= manifest["seconds"] and "? s." not in card
+            assert [entry["kind"] for entry in pushed["rows"]] == [entry["kind"] for entry in manifest["rows"]]
 
 
 @pytest.mark.slow
@@ -497,7 +481,7 @@ def test_trl_reward_trainer_runs_on_rows_downloaded_from_the_hub(critic_run, tmp
 
     with FakeHub(token=TOKEN) as hub:
         patch_hub_clients(monkeypatch, hub.url, hf_home=tmp_path / "hf_home", token=TOKEN)
-        push_run(critic_run, REPO, formats=["trl", "trl-implicit"], options=EN, log=lambda _: None)
+        push_frames(load_run(critic_run), REPO, formats=["trl", "trl-implicit"], options=EN, log=lambda _: None)
         load_in_fresh_process(hub, REPO, tmp_path / "downloaded", tmp_path / "load_home",
                               formats=("trl", "trl-implicit"))
     explicit = datasets.load_from_disk(str(tmp_path / "downloaded" / "trl"))["train"].to_list()

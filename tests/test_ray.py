@@ -19,30 +19,22 @@ import polars as pl
 import pytest
 
 from selfalign.cli import build_parser, executor_overrides
-from selfalign.config import load_pipeline
+from selfalign.config import config_hash, load_pipeline
 from selfalign.errors import ConfigErrors
-from selfalign.runner import config_hash, run_pipeline
+from selfalign.runner import run_pipeline
+from tests.support.fake_pipeline import fake_pipeline_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CRITIQUE_PROMPT = ROOT / "prompts" / "critique.jinja"
 
-FAST = """\
-schema_version: 1
-name: t
-models:
-  critic: {{backend: fake}}
-stages:
-  - kind: load
-    path: data.jsonl
-    format: trl
-  - kind: critique
-    model: critic
-{executor}"""
+# Ten lines; a test appends its `executor:` section from line 11 on.
+FAST = fake_pipeline_yaml("t", [{"kind": "load", "path": "data.jsonl", "format": "trl"},
+                                {"kind": "critique", "model": "critic"}])
 
 
 def config_error(write_pipeline, executor: str, overrides=()) -> str:
     with pytest.raises(ConfigErrors) as exc:
-        load_pipeline(write_pipeline(FAST.format(executor=executor)), list(overrides))
+        load_pipeline(write_pipeline(FAST + executor), list(overrides))
     return str(exc.value)
 
 
@@ -64,7 +56,7 @@ def test_executor_bad_values_are_errors(write_pipeline, executor, expected):
 
 
 def test_executor_flags_and_defaults(write_pipeline):
-    path = write_pipeline(FAST.format(executor=""))
+    path = write_pipeline(FAST)
     local = load_pipeline(path)
     assert local.pipeline.executor.kind == "local"
     args = build_parser().parse_args(["run", str(path), "--executor", "ray", "--address", "127.0.0.2:6379"])

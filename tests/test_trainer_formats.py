@@ -21,6 +21,7 @@ from selfalign.stages.model_calls import CRITIQUE
 from selfalign.stages.export import ExportConfig, critique_prompt_from_stages, margin_setting, row_lengths
 from selfalign.trainer_formats import (FORMATS, MARGIN_FORMATS, NEEDS, critique_reply, format_frame,
                                        llama_factory_dataset_info, percentiles, split_by_prompt)
+from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -385,30 +386,18 @@ def test_token_lengths_are_what_reward_trainer_tokenizes_and_drops(tmp_path):
     assert chars[0] == len("Be kind.") + len("How do I bake bread?") + len(pairs()["chosen"][0])
 
 
-EXPORT_PIPELINE = """\
-schema_version: 1
-name: export-lengths
-models:
-  critic: {{backend: fake}}
-stages:
-  - kind: load
-    path: {data}
-    format: hh-rlhf
-    on_bad_row: drop
-  - kind: critique
-    model: critic
-    samples: 2
-  - kind: consistency
-  - kind: export
-    formats: [trl, openrlhf, critique-sft]
-{extra}"""
-
-
-def run_export(write_pipeline, tmp_path, data, extra: str = "", name: str = "run") -> tuple[dict, Path]:
+def run_export(write_pipeline, tmp_path, data, export: dict | None = None, name: str = "run") -> tuple[dict, Path]:
+    """Critique 80 HH-RLHF rows and export them in three formats, with the export stage's further `export`
+    options; returns the export's metrics and the run directory."""
     from selfalign.config import load_pipeline
     from selfalign.runner import run_pipeline
 
-    path = write_pipeline(EXPORT_PIPELINE.format(data=data, extra=extra), f"{name}.yaml")
+    path = write_pipeline(fake_pipeline_yaml("export-lengths", [
+        load_hh_rlhf(data),
+        {"kind": "critique", "model": "critic", "samples": 2},
+        {"kind": "consistency"},
+        {"kind": "export", "formats": ["trl", "openrlhf", "critique-sft"], **(export or {})},
+    ]), f"{name}.yaml")
     run_pipeline(load_pipeline(path), output=tmp_path / name, limit=80, quiet=True)
     manifest = json.loads((tmp_path / name / "manifest.json").read_text())
     return manifest["rows"][-1]["metrics"], tmp_path / name
@@ -435,7 +424,7 @@ def test_export_metrics_give_margin_and_length_percentiles_in_the_manifest(write
     tokenizer = local_tokenizer(texts_of(exported(run_dir, "trl").to_dicts()))
     tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
     metrics, run_dir = run_export(write_pipeline, tmp_path, hh_data, name="tokens",
-                                  extra=f"    margin: scaled\n    tokenizer: {tmp_path / 'tokenizer'}\n")
+                                  export={"margin": "scaled", "tokenizer": tmp_path / "tokenizer"})
     assert metrics["margin"] == "scaled"
     trl = exported(run_dir, "trl")
     assert trl["margin"].to_list() == pytest.approx(((trl["chosen_score"] - trl["rejected_score"]) / 9).to_list())
@@ -445,11 +434,12 @@ def test_export_metrics_give_margin_and_length_percentiles_in_the_manifest(write
                        **percentiles(row_lengths("trl", trl, tokenizer))}
     assert lengths["max"] < characters["max"]  # words, not characters
 
-    from selfalign.publish import export_run, load_run, write_card
+    from selfalign.publish import export_run, write_card
+    from selfalign.finished_run import load_run
     from selfalign.report import write_report
 
     # `selfalign export` (and a push, through the same build_formats) writes the margin the run's export wrote.
-    export_run(run_dir, "trl", tmp_path / "exported")
+    export_run(load_run(run_dir), "trl", tmp_path / "exported")
     again = pl.concat([pl.read_parquet(f) for f in sorted((tmp_path / "exported").glob("*.parquet"))])
     assert sorted(again["margin"].to_list()) == pytest.approx(sorted(trl["margin"].to_list()))
 
@@ -467,13 +457,14 @@ def test_export_errors_name_the_field_and_the_fix(write_pipeline, tmp_path, hh_d
     from selfalign.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"stage 3 \(export\): tokenizer: cannot load tokenizer .*leave tokenizer"):
-        run_export(write_pipeline, tmp_path, hh_data, name="a", extra="    tokenizer: no/such-tokenizer-here\n")
-    pipeline = EXPORT_PIPELINE.replace("  - kind: critique\n    model: critic\n    samples: 2\n  - kind: consistency\n",
-                                       "").replace("[trl, openrlhf, critique-sft]", "[trl]")
+        run_export(write_pipeline, tmp_path, hh_data, name="a", export={"tokenizer": "no/such-tokenizer-here"})
     from selfalign.config import load_pipeline
     from selfalign.runner import run_pipeline
 
-    path = write_pipeline(pipeline.format(data=hh_data, extra="    margin: scaled\n"), "b.yaml")
+    path = write_pipeline(fake_pipeline_yaml("export-lengths", [
+        load_hh_rlhf(hh_data),
+        {"kind": "export", "formats": ["trl"], "margin": "scaled"},
+    ]), "b.yaml")
     with pytest.raises(ConfigError, match="margin: .*no critique or feedback stage"):
         run_pipeline(load_pipeline(path), output=tmp_path / "b", limit=5, quiet=True)
 

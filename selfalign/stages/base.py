@@ -1,9 +1,11 @@
-"""What every stage shares: its config base class and the shape of what it returns."""
+"""What every stage shares: its config base class, what it may use of the run (`StageContext`) and the shape of
+what it returns (`StageOutput`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import polars as pl
 import pyarrow as pa
@@ -11,6 +13,13 @@ import pyarrow as pa
 from pydantic import Field
 
 from ..models import Strict
+
+if TYPE_CHECKING:  # types only: a stage gets these objects from the runner, it never imports the runner
+    from ..calls import ModelClient
+    from ..config import LoadedPipeline
+    from ..manifest import Manifest
+    from ..progress import Progress
+    from ..prompts import PromptTemplate
 
 
 class StageConfig(Strict):
@@ -43,17 +52,33 @@ class ModelStageConfig(StageConfig):
                                                     "calls failed (default: the pipeline's max_failed_fraction)")
 
 
+class StageContext(Protocol):
+    """What a stage may use of the run it is part of (runner.RunContext implements it; so can a test)."""
+
+    loaded: LoadedPipeline   # the pipeline: its stages, models, path (for resolving relative paths)
+    run_dir: Path
+    progress: Progress
+    limit: int | None        # --limit: the load stage reads at most this many rows
+
+    def resolve(self, value: str) -> Path:
+        """A path written in the pipeline file (paths.resolve_path)."""
+
+    def template(self, value: str) -> PromptTemplate:
+        """The prompt template at `value`, loaded once per run (its hash goes in the manifest)."""
+
+    def client(self, name: str) -> ModelClient:
+        """The cached, retried client of model `name` (started on first use)."""
+
+    def manifest_so_far(self, stage: int) -> Manifest:
+        """The manifest as far as it is known before stage `stage` finishes (status "running")."""
+
+
 @dataclass
 class StageOutput:
     kept: pl.DataFrame
     # Rows that did not make it, each with a `drop_reason` (and for model failures: status, error, ...).
     dropped: pl.DataFrame | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-def drop(df: pl.DataFrame, reason: str | pl.Expr) -> pl.DataFrame:
-    """Mark rows as dropped with a reason (a literal or a per-row expression)."""
-    return df.with_columns(drop_reason=pl.lit(reason) if isinstance(reason, str) else reason)
 
 
 # Nested columns built from flat Python lists through Arrow: polars converts nested Python objects (a dict per

@@ -16,15 +16,15 @@ never from the YAML. The split is the preceding export stage's (same prompt hash
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import polars as pl
 from pydantic import Field
 
+from ..manifest import RunContents
 from ..models import Strict
 from ..trainer_formats import NEEDS, split_by_prompt
-from .base import StageConfig, StageOutput
+from .base import StageConfig, StageContext, StageOutput
 from .export import FormatName
 
 
@@ -57,85 +57,29 @@ class PublishConfig(StageConfig):
         return set().union(*(NEEDS[f] for f in self.formats)) if self.formats else {"prompt", "chosen", "rejected"}
 
 
-def _stage_index(config: PublishConfig, ctx) -> int:
+def _stage_index(config: PublishConfig, ctx: StageContext) -> int:
     for index, stage in enumerate(ctx.loaded.pipeline.stages):
         if stage is config:
             return index
     return len(ctx.loaded.pipeline.stages)  # called on its own, after the pipeline's stages
 
 
-def _funnel_so_far(ctx, index: int) -> list[dict[str, Any]]:
-    """The manifest's `rows` for the stages before this one: from the runner when it shares them
-    (`ctx.funnel`), else recounted from the stage files this run wrote (without stage metrics)."""
-    funnel = getattr(ctx, "funnel", None)
-    if funnel:
-        return [dict(entry) for entry in funnel[:index]]
-    rows = []
-    for number, stage in enumerate(ctx.loaded.pipeline.stages[:index]):
-        name = f"{number:02d}-{stage.kind}.parquet"
-        try:
-            kept = pl.read_parquet(ctx.run_dir / "stages" / name)
-            dropped = pl.read_parquet(ctx.run_dir / "dropped" / name)
-        except (OSError, pl.exceptions.PolarsError):
-            return rows
-        reasons = (dict(dropped.group_by("drop_reason").len().sort("drop_reason").rows())
-                   if dropped.height and "drop_reason" in dropped.columns else {})
-        rows.append({"stage": number, "kind": stage.kind, "in": kept.height + dropped.height, "out": kept.height,
-                     "dropped": dropped.height, "drop_reasons": reasons, "metrics": {}})
-    return rows
-
-
-def provisional_manifest(ctx, index: int, df: pl.DataFrame) -> dict[str, Any]:
-    """What manifest.json will say, as far as it is known while the run is still going."""
-    from .. import __version__
-    from ..runner import config_hash, package_versions
-
-    funnel = _funnel_so_far(ctx, index)
-    funnel.append({"stage": index, "kind": "publish", "in": df.height, "out": df.height, "dropped": 0,
-                   "drop_reasons": {}, "metrics": {}})
-    totals = {k: sum(getattr(s, k) for s in ctx.stats.values()) for k in ("requested", "cached", "sent", "failed")}
-    return {
-        "name": ctx.loaded.pipeline.name,
-        "pipeline_file": str(ctx.loaded.path),
-        "config_sha256": config_hash(ctx.loaded),
-        "selfalign_version": __version__,
-        "packages": package_versions(),
-        "limit": ctx.limit,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "rows": funnel,
-        "rows_out": df.height,
-        "model_calls": totals,
-        "tokens": {"prompt": sum(s.prompt_tokens for s in ctx.stats.values()),
-                   "completion": sum(s.completion_tokens for s in ctx.stats.values())},
-        "models": {name: {"identity": ctx.client(name).identity, "calls": stats.as_dict()}
-                   for name, stats in ctx.stats.items()},
-        "templates": {value: template.sha256 for value, template in ctx._templates.items()},
-        "status": "running",
-    }
-
-
-def _file_matches(ctx) -> bool | None:
-    """Whether the YAML file alone gives the configuration this run uses (not when --set changed it)."""
-    from ..config import load_pipeline
-    from ..runner import config_hash
-
-    try:
-        return config_hash(load_pipeline(ctx.loaded.path)) == config_hash(ctx.loaded)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def run(df: pl.DataFrame, config: PublishConfig, ctx) -> StageOutput:
-    from ..publish import CardOptions, Run, push_frames, run_splits
+def run(df: pl.DataFrame, config: PublishConfig, ctx: StageContext) -> StageOutput:
+    from ..publish import CardOptions, push_frames, run_splits
 
     index = _stage_index(config, ctx)
-    manifest = provisional_manifest(ctx, index, df)
+    manifest = ctx.manifest_so_far(index)  # the runner's manifest: the run's real start time and duration so far
+    manifest["rows"].append({"stage": index, "kind": "publish", "in": df.height, "out": df.height, "dropped": 0,
+                             "drop_reasons": {}, "seconds": 0.0, "agreement_with_human": None, "metrics": {},
+                             "model_calls": {"requested": 0, "cached": 0, "sent": 0, "failed": 0},
+                             "tokens": {"prompt": 0, "completion": 0}})
+    manifest["rows_out"] = df.height
     try:
         text = ctx.loaded.path.read_text(encoding="utf-8")
     except OSError:
         text = None
-    publish_run = Run(ctx.run_dir, manifest, df, pipeline_text=text, pipeline_file=str(ctx.loaded.path),
-                      pipeline_matches_run=_file_matches(ctx), loaded=ctx.loaded)
+    publish_run = RunContents(ctx.run_dir, manifest, df, pipeline_text=text, pipeline_file=str(ctx.loaded.path),
+                              pipeline_matches_run=ctx.loaded.file_alone_matches(), loaded=ctx.loaded)
     if config.test_size is not None:
         splits = {k: v for k, v in split_by_prompt(df, config.test_size).items() if v.height or k == "train"}
     else:
