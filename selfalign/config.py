@@ -15,9 +15,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from .backends import DEFAULT_MODEL_NAME, MODEL_CLASSES, ModelConfig
 from .cache import canonical_json
+from .config_base import Strict
 from .errors import ConfigError, ConfigErrors
-from .models import DEFAULT_MODEL_NAME, MODEL_CLASSES, ModelConfig, Strict
 from .stages import STAGES
 from .yaml_source import line_for, load_yaml_with_lines
 

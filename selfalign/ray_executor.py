@@ -24,10 +24,9 @@ import json
 import logging
 from typing import Any
 
-from .backends import backend_for
+from .backends import BACKENDS
 from .backends.base import Completion, OnResult, Request, Sampling, finish
 from .errors import RunError
-from .models import LlamaCppModel
 
 _connections = 0  # RayBackends open in this process; the last one to close shuts Ray down if we started it
 _started_ray = False
@@ -85,19 +84,13 @@ def request_from_json(text: str) -> Request:
                    json_schema=data["json_schema"], sample_index=data["sample_index"])
 
 
-def replica_model_config(model_config, num_cpus: float):
-    """llama.cpp defaults to every core of the machine; a replica gets the cores Ray reserved for it."""
-    if isinstance(model_config, LlamaCppModel) and model_config.n_threads is None:
-        return model_config.model_copy(update={"n_threads": max(1, int(num_cpus))})
-    return model_config
-
-
 class ModelReplica:
     """One Ray actor: builds the backend once, then answers batches of requests (the `map_batches` UDF)."""
 
     def __init__(self, model_config, num_cpus: float):
-        _, start = backend_for(replica_model_config(model_config, num_cpus))
-        self.backend = start()
+        # The backend's row says how a replica holding `num_cpus` cores configures it (llama.cpp: its threads).
+        entry = BACKENDS[model_config.backend]
+        self.backend = entry.start(entry.for_replica(model_config, num_cpus))
 
     def __call__(self, batch):
         import pyarrow as pa

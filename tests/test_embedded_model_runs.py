@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from selfalign.backends import llamacpp_cpu as cpu_mod
-from selfalign.backends.llamacpp import bundled_model_path
+from selfalign.backends.bundled_model import bundled_model_path
 from selfalign.backends.llamacpp_cpu import (CpuInfo, ModelParams, ProbeResult, choose_params, decide,
                                              read_cpu_info, read_verdict, run_probe_command, verdict_key,
                                              write_verdict)

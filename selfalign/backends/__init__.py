@@ -1,44 +1,67 @@
-"""Backends: one batch-first protocol (see base.py), one module per engine, each imported only when used."""
+"""Backends: the `models:` section of a pipeline names, for each model, the backend that serves it.
+
+Only that section changes between a laptop (llamacpp), a server (openai) and a GPU box (vllm). Every backend
+speaks the batch protocol in base.py; `BACKENDS` below is the one table of them, and the YAML union
+(`ModelConfig`), `MODEL_CLASSES`, the cache identity and the start of a backend all come from it.
+
+To add a backend:
+1. Write `backends/<name>.py` with
+   - its config class: a `Strict` (config_base.py) with `backend: Literal["<name>"]` and a `description=` on every
+     field (`selfalign schema` prints them);
+   - `identity(config) -> dict`: what names the model in cache keys (backend, model, anything that changes the
+     text; never a secret). The backend object's own `identity` attribute is built by the same code;
+   - `start(config) -> Backend`: the backend, ready for calls. Import the engine's library here or in the
+     backend's constructor, never at the top of the module: this table imports every backend module, and
+     `selfalign --help`, `validate` and a fully cached re-run must not load llama_cpp, vllm or openai.
+     (The openai backend's module imports the SDK at its top, so its config and identity live in
+     openai_config.py and its row starts it through a function that imports openai_backend.)
+2. Add one row below. A row's `for_replica` adapts the config to a Ray replica's share of the machine (the
+   cores Ray reserved for it); most backends leave it as is.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, NamedTuple, Union
 
-from ..models import FakeModel, LlamaCppModel, OpenAIModel, VLLMModel
+from pydantic import Field
+
+from ..config_base import Strict
+from . import fake, llamacpp, openai_config, vllm_backend
 from .base import Backend
+
+# A stage that names no model uses this one; when the pipeline does not define it, it is the embedded llamacpp.
+DEFAULT_MODEL_NAME = "default"
+
+
+def _unchanged(config: Any, num_cpus: float) -> Any:
+    return config
+
+
+def _start_openai(config: openai_config.OpenAIModel) -> Backend:
+    # Imported here: a fully cached re-run never pays for loading the openai SDK.
+    from . import openai_backend
+    return openai_backend.start(config)
+
+
+class BackendEntry(NamedTuple):
+    config: type[Strict]                                  # the model's YAML block
+    identity: Callable[[Any], dict[str, Any]]            # config -> its name in cache keys
+    start: Callable[[Any], Backend]                       # config -> a started backend (heavy imports happen here)
+    for_replica: Callable[[Any, float], Any] = _unchanged  # (config, cores of a Ray replica) -> the replica's config
+
+
+BACKENDS: dict[str, BackendEntry] = {
+    "llamacpp": BackendEntry(llamacpp.LlamaCppModel, llamacpp.identity, llamacpp.start, llamacpp.for_replica),
+    "openai": BackendEntry(openai_config.OpenAIModel, openai_config.identity, _start_openai),
+    "vllm": BackendEntry(vllm_backend.VLLMModel, vllm_backend.identity, vllm_backend.start),
+    "fake": BackendEntry(fake.FakeModel, fake.identity, fake.start),
+}
+
+MODEL_CLASSES: dict[str, type[Strict]] = {name: entry.config for name, entry in BACKENDS.items()}
+ModelConfig = Annotated[Union[tuple(MODEL_CLASSES.values())], Field(discriminator="backend")]
 
 
 def backend_for(config) -> tuple[dict[str, Any], Callable[[], Backend]]:
     """(identity for cache keys, factory that starts the backend). Nothing heavy happens until the factory runs."""
-    if isinstance(config, LlamaCppModel):
-        from .llamacpp import LlamaCppBackend, model_identity
-        return model_identity(config.model_path), lambda: LlamaCppBackend(
-            config.model_path, n_ctx=config.n_ctx, n_threads=config.n_threads)
-    if isinstance(config, OpenAIModel):
-        identity = {"backend": "openai", "base_url": config.base_url.rstrip("/"), "model": config.model}
-
-        def start_openai() -> Backend:
-            # Imported here: a fully cached re-run never pays for loading the openai SDK.
-            from .openai_backend import OpenAIBackend
-            backend = OpenAIBackend(config.base_url, config.model, api_key_env=config.api_key_env,
-                                    max_concurrency=config.max_concurrency, timeout_s=config.timeout_s,
-                                    max_retries=config.max_retries, structured_output=config.structured_output,
-                                    backoff_max_s=config.backoff_max_s)
-            backend.preflight()  # a wrong URL, key or model fails here in seconds, before the first call
-            return backend
-        return identity, start_openai
-    if isinstance(config, VLLMModel):
-        identity = {"backend": "vllm", "model": config.model, "dtype": config.dtype}
-
-        def start() -> Backend:
-            from .vllm_backend import VLLMBackend
-            return VLLMBackend(config.model, dtype=config.dtype, enforce_eager=config.enforce_eager,
-                               max_model_len=config.max_model_len,
-                               gpu_memory_utilization=config.gpu_memory_utilization, chunk_size=config.chunk_size,
-                               **({"kv_cache_memory_bytes": config.kv_cache_memory_bytes}
-                                  if config.kv_cache_memory_bytes else {}))
-        return identity, start
-    if isinstance(config, FakeModel):
-        from .fake import FakeBackend
-        return {"backend": "fake", "model": config.model}, lambda: FakeBackend(config.model, latency_s=config.latency_s)
-    raise TypeError(f"unknown model config {config!r}")
+    entry = BACKENDS[config.backend]
+    return entry.identity(config), lambda: entry.start(config)

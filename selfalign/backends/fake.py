@@ -9,9 +9,24 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
+from pydantic import Field
+
+from ..config_base import Strict
 from .base import Completion, OnResult, Request
+
+
+class FakeModel(Strict):
+    """Deterministic, schema-valid replies derived from the request hash. For tests."""
+
+    backend: Literal["fake"]
+    model: str = "fake"
+    latency_s: float = Field(0.0, ge=0, le=10, description="sleep per call, to make crash tests catch a run midway")
+
+
+def fake_identity(model: str) -> dict[str, Any]:
+    return {"backend": "fake", "model": model}
 
 
 def _digest(request: Request) -> bytes:
@@ -50,7 +65,7 @@ def value_for_schema(schema: dict[str, Any], seed: bytes, defs: dict[str, Any] |
 class FakeBackend:
     def __init__(self, model: str = "fake", responder: Callable[[Request], str] | None = None,
                  latency_s: float = 0.0):
-        self.identity = {"backend": "fake", "model": model}
+        self.identity = fake_identity(model)
         self.latency_s = latency_s
         self.responder = responder
         self.requests: list[Request] = []
@@ -82,3 +97,11 @@ class FakeBackend:
 
     def close(self) -> None:
         pass
+
+
+def identity(config: FakeModel) -> dict[str, Any]:
+    return fake_identity(config.model)
+
+
+def start(config: FakeModel) -> FakeBackend:
+    return FakeBackend(config.model, latency_s=config.latency_s)

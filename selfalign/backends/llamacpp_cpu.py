@@ -45,6 +45,7 @@ from typing import Callable, Iterator
 
 from ..atomic import write_json
 from ..errors import RunError
+from .bundled_model import bundled_model_path
 
 CACHE_FILE_NAME = "llamacpp-cpu.json"
 CACHE_SCHEMA = 1
@@ -303,7 +304,6 @@ def params_for_this_cpu(model_path: Path) -> ModelParams:
     cpu = read_cpu_info()
     if not cpu.amx_flags:
         return DEFAULT_PARAMS  # the common case costs one read of /proc/cpuinfo
-    from .llamacpp import bundled_model_path
     try:
         probe_with = bundled_model_path()
     except RunError:

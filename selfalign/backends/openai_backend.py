@@ -28,6 +28,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from ..errors import RunError, RunStopped
 from .base import Completion, OnResult, Request
+from .openai_config import OpenAIModel, endpoint_identity
 
 try:  # the HTTP library the installed openai is built on: httpx2 (openai >= 3) or httpx
     import httpx2 as _http
@@ -178,7 +179,7 @@ class OpenAIBackend:
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None, max_concurrency: int = 16,
                  timeout_s: float = 120.0, max_retries: int = 6, structured_output: str = "json_schema",
                  backoff_max_s: float = 30.0):
-        self.identity = {"backend": "openai", "base_url": base_url.rstrip("/"), "model": model}
+        self.identity = endpoint_identity(base_url, model)
         if api_key_env:
             api_key = os.environ.get(api_key_env)
             if not api_key:
@@ -401,6 +402,15 @@ class OpenAIBackend:
 
     def close(self) -> None:
         pass
+
+
+def start(config: OpenAIModel) -> OpenAIBackend:
+    backend = OpenAIBackend(config.base_url, config.model, api_key_env=config.api_key_env,
+                            max_concurrency=config.max_concurrency, timeout_s=config.timeout_s,
+                            max_retries=config.max_retries, structured_output=config.structured_output,
+                            backoff_max_s=config.backoff_max_s)
+    backend.preflight()  # a wrong URL, key or model fails here in seconds, before the first call
+    return backend
 
 
 def _failed(exc: BaseException, tries: int) -> Completion:

@@ -9,10 +9,33 @@ fail.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import Field
+
+from ..config_base import Strict
 from ..errors import RunError
 from .base import Completion, OnResult, Request
+
+
+class VLLMModel(Strict):
+    """In-process vLLM engine (GPU, or vLLM's CPU build)."""
+
+    backend: Literal["vllm"]
+    model: str
+    dtype: str = "auto"
+    enforce_eager: bool = False
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    chunk_size: int = Field(1024, ge=1, description="requests per LLM.chat call; results are cached per chunk")
+    # On vLLM's CPU build the default memory check (0.92 of a NUMA node) fails on a shared machine; a fixed
+    # KV-cache size skips it. Leave unset on a GPU.
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
+
+
+def engine_identity(model: str, dtype: str) -> dict[str, Any]:
+    """What names the engine in cache keys: dtype changes the text, so it is part of it."""
+    return {"backend": "vllm", "model": model, "dtype": dtype}
 
 
 class VLLMBackend:
@@ -28,8 +51,7 @@ class VLLMBackend:
         self._SamplingParams = SamplingParams
         self._StructuredOutputsParams = StructuredOutputsParams
         self.chunk_size = max(1, int(chunk_size))
-        # Same shape as backend_for() builds for cache keys: dtype changes the text, so it is part of it.
-        self.identity = {"backend": "vllm", "model": model, "dtype": dtype}
+        self.identity = engine_identity(model, dtype)
         options: dict[str, Any] = {"dtype": dtype, "enforce_eager": enforce_eager}
         # Leave unset options to vLLM's own defaults rather than restating them here.
         for name, value in (("max_model_len", max_model_len), ("gpu_memory_utilization", gpu_memory_utilization),
@@ -102,6 +124,18 @@ class VLLMBackend:
                 pass
         del llm
 
+
+
+def identity(config: VLLMModel) -> dict[str, Any]:
+    return engine_identity(config.model, config.dtype)
+
+
+def start(config: VLLMModel) -> VLLMBackend:
+    return VLLMBackend(config.model, dtype=config.dtype, enforce_eager=config.enforce_eager,
+                       max_model_len=config.max_model_len, gpu_memory_utilization=config.gpu_memory_utilization,
+                       chunk_size=config.chunk_size,
+                       **({"kv_cache_memory_bytes": config.kv_cache_memory_bytes} if config.kv_cache_memory_bytes
+                          else {}))
 
 def _completion(output) -> Completion:
     prompt_tokens = len(output.prompt_token_ids or [])

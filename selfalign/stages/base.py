@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from pydantic import Field
 
-from ..models import Strict
+from ..config_base import Strict
 
 if TYPE_CHECKING:  # types only: a stage gets these objects from the runner, it never imports the runner
     from ..calls import ModelClient

@@ -17,7 +17,8 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..backends.base import Request
-from ..models import DEFAULT_MODEL_NAME, Strict
+from ..backends import DEFAULT_MODEL_NAME
+from ..config_base import Strict
 from .base import ModelStageConfig, StageContext, StageOutput, lists, strings, structs
 from .model_calls import CRITIQUE, RowFailure, SamplingConfig, ask, split_failed_rows
 

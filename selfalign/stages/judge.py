@@ -14,7 +14,7 @@ import polars as pl
 from pydantic import Field, create_model
 
 from ..backends.base import Request
-from ..models import DEFAULT_MODEL_NAME
+from ..backends import DEFAULT_MODEL_NAME
 from .base import ModelStageConfig, StageContext, StageOutput
 from .model_calls import SamplingConfig, ask, first_failure, split_failed_rows
 

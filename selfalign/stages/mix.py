@@ -14,7 +14,7 @@ from typing import Literal
 import polars as pl
 from pydantic import Field, model_validator
 
-from ..models import Strict
+from ..config_base import Strict
 from .base import StageConfig, StageContext, StageOutput
 from .load import LoadConfig, run as load
 

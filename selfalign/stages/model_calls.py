@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 
 from ..backends.base import Request, Sampling
 from ..calls import CallResult, json_parser
-from ..models import Strict
+from ..config_base import Strict
 from .base import ModelStageConfig, StageContext, StageOutput
 
 CRITIQUE = pl.Struct({"text": pl.Utf8, "score": pl.Float64, "sample_index": pl.Int64, "model": pl.Utf8,

