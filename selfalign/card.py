@@ -19,7 +19,7 @@ from typing import Any
 
 import polars as pl
 
-from . import __version__
+from .manifest import Manifest
 from .markup import fence, markdown_inline, markdown_table, shorten
 from .metrics import AGREEMENT_AFTER, AGREEMENT_BEFORE, CRITIQUES_BEFORE, CRITIQUES_KEPT
 from .trainer_formats import LENGTHS_NOTE, MARGIN_FORMATS, MARGIN_NOTE, USAGE, length_rows
@@ -36,7 +36,7 @@ class CardInputs:
     """Everything the card says, gathered from a run directory (or from a running pipeline)."""
 
     name: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     frame: pl.DataFrame                         # the final rows, canonical columns
     splits: dict[str, pl.DataFrame]             # the final rows per split (canonical columns)
     formats: dict[str, dict[str, int]]          # format -> split -> rows
@@ -209,32 +209,29 @@ def _sampling_rows(inputs: CardInputs) -> list[list[Any]]:
 def _made_section(inputs: CardInputs) -> str:
     manifest = inputs.manifest
     parts = ["## How it was made",
-             f"Made with selfalign {manifest.get('selfalign_version', '?')} "
-             f"from the pipeline `{manifest.get('name', inputs.name)}` (config hash "
-             f"`{manifest.get('config_sha256', '?')}`), started {manifest.get('started', '?')}, "
-             f"{manifest.get('seconds', '?')} s."]
-    models = manifest.get("models") or {}
+             f"Made with selfalign {manifest['selfalign_version']} "
+             f"from the pipeline `{manifest['name']}` (config hash "
+             f"`{manifest['config_sha256']}`), started {manifest['started']}, "
+             f"{manifest['seconds']} s."]
+    models = manifest["models"]
     if models:
         parts += ["### Models and backends", markdown_table(
             ["name", "backend", "model / identity", "calls (requested / cached / sent / failed)"],
-            [[name, info.get("identity", {}).get("backend", "?"),
-              {k: v for k, v in info.get("identity", {}).items() if k != "backend"},
-              " / ".join(str(info.get("calls", {}).get(k, 0)) for k in ("requested", "cached", "sent", "failed"))]
+            [[name, info["identity"]["backend"], {k: v for k, v in info["identity"].items() if k != "backend"},
+              " / ".join(str(info["calls"][k]) for k in ("requested", "cached", "sent", "failed"))]
              for name, info in models.items()])]
     sampling = _sampling_rows(inputs)
     if sampling:
         parts += ["### Sampling", markdown_table(["stage", "kind", "model", "prompt", "settings"], sampling)]
-    templates = manifest.get("templates") or {}
+    templates = manifest["templates"]
     if templates:
         parts += ["### Prompt templates", markdown_table(["template", "sha256 (first 16 hex)"],
                                                   [[f"`{path}`", f"`{sha}`"] for path, sha in templates.items()])]
-    tokens = manifest.get("tokens") or {}
-    calls = manifest.get("model_calls") or {}
-    if calls:
-        parts.append(f"Model calls: {calls.get('requested', 0)} requested, {calls.get('cached', 0)} from the cache, "
-                     f"{calls.get('sent', 0)} sent, {calls.get('failed', 0)} failed; tokens: "
-                     f"{tokens.get('prompt', 0)} prompt, {tokens.get('completion', 0)} completion.")
-    packages = manifest.get("packages") or {}
+    tokens, calls = manifest["tokens"], manifest["model_calls"]
+    parts.append(f"Model calls: {calls['requested']} requested, {calls['cached']} from the cache, "
+                 f"{calls['sent']} sent, {calls['failed']} failed; tokens: "
+                 f"{tokens['prompt']} prompt, {tokens['completion']} completion.")
+    packages = manifest["packages"]
     if packages:
         parts.append("Packages: " + ", ".join(f"{name} {version}" for name, version in sorted(packages.items())) + ".")
     parts.append("### The pipeline")
@@ -247,9 +244,9 @@ def _made_section(inputs: CardInputs) -> str:
         parts.append("It is also in this repository as `selfalign/pipeline.yaml`.")
     else:
         parts.append(f"The pipeline file (`{inputs.pipeline_file}`) was not available when this card was made.")
-    limit = manifest.get("limit")
+    limit = manifest["limit"]
     command = "selfalign run pipeline.yaml" + (f" --limit {limit}" if limit else "")
-    parts += ["### Reproduce", f"With selfalign {manifest.get('selfalign_version', __version__)} installed, the "
+    parts += ["### Reproduce", f"With selfalign {manifest['selfalign_version']} installed, the "
               "pipeline file above saved as `pipeline.yaml` and its input data beside it (local paths are shown "
               "by file name only):",
               fence(command, "bash"),
@@ -259,17 +256,17 @@ def _made_section(inputs: CardInputs) -> str:
 
 
 def _funnel_section(inputs: CardInputs) -> str:
-    funnel = inputs.manifest.get("rows") or []
+    funnel = inputs.manifest["rows"]
     rows = [[f["stage"], f["kind"], f["in"], f["out"], f["dropped"],
-             ", ".join(f"{reason}: {n}" for reason, n in (f.get("drop_reasons") or {}).items()) or "-"]
+             ", ".join(f"{reason}: {n}" for reason, n in f["drop_reasons"].items()) or "-"]
             for f in funnel]
     parts = ["## Row funnel", "Rows in and out of each stage, and why rows were dropped (every dropped row is kept "
              "with its reason in the run directory's `dropped/`).",
              markdown_table(["stage", "kind", "in", "out", "dropped", "drop reasons"], rows)]
-    critiques = [f["metrics"] for f in funnel if CRITIQUES_BEFORE in (f.get("metrics") or {})]
-    for metrics in critiques:
-        parts.append(f"Critiques kept by the consistency filter: {metrics.get(CRITIQUES_KEPT)} of "
-                     f"{metrics.get(CRITIQUES_BEFORE)}.")
+    # Stage metrics are each stage's own keys: the consistency filter writes both of these.
+    for metrics in [f["metrics"] for f in funnel if CRITIQUES_BEFORE in f["metrics"]]:
+        parts.append(f"Critiques kept by the consistency filter: {metrics[CRITIQUES_KEPT]} of "
+                     f"{metrics[CRITIQUES_BEFORE]}.")
     return "\n\n".join(parts)
 
 
@@ -293,11 +290,11 @@ def _sources_section(inputs: CardInputs) -> str:
 
 def _agreement_section(inputs: CardInputs) -> str:
     rows = []
-    for f in inputs.manifest.get("rows") or []:
-        metrics = f.get("metrics") or {}
-        if AGREEMENT_BEFORE in metrics or AGREEMENT_AFTER in metrics:
+    for f in inputs.manifest["rows"]:
+        metrics = f["metrics"]  # the filters that compare critiques with the labels write both keys
+        if AGREEMENT_BEFORE in metrics:
             fmt = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-            rows.append([f["stage"], f["kind"], fmt(metrics.get(AGREEMENT_BEFORE)), fmt(metrics.get(AGREEMENT_AFTER))])
+            rows.append([f["stage"], f["kind"], fmt(metrics[AGREEMENT_BEFORE]), fmt(metrics[AGREEMENT_AFTER])])
     if not rows:
         return "## Agreement with human labels\n\nNo stage of this pipeline compared the critiques with human labels."
     return "\n\n".join([
@@ -385,7 +382,7 @@ def _data_source_section(inputs: CardInputs) -> str:
 def card_body(inputs: CardInputs, images: dict[str, str]) -> str:
     counts = source_counts(inputs)
     pairs = sum(part.height for part in inputs.splits.values())
-    kinds = {entry.get("kind") for entry in inputs.manifest.get("rows") or []}
+    kinds = {entry["kind"] for entry in inputs.manifest["rows"]}
     intro = f"# {inputs.name}\n\nA preference dataset of {pairs} pairs"
     if counts:
         intro += " (" + ", ".join(f"{n} {'human-labelled' if source == 'human' else source}"

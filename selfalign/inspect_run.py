@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import RunError
-from .report import check_run_dir, stage_files
+from .markup import as_text
+from .rundir import DROPPED, MANIFEST, check_run_dir, stage_files
 
 if TYPE_CHECKING:  # imported where used, so that `selfalign --help` does not pay for polars
     import polars as pl
@@ -33,7 +34,7 @@ SHOWN = {"row_id", "source", "prompt", "chosen", "rejected", "chosen_critiques",
 # -- finding stages and rows -------------------------------------------------------------------------------
 
 def _stages(run_dir: Path) -> list[tuple[int, str, Path, Path | None]]:
-    dropped = {i: p for i, _, p in stage_files(run_dir, "dropped")}
+    dropped = {i: p for i, _, p in stage_files(run_dir, DROPPED)}
     stages = [(i, k, p, dropped.get(i)) for i, k, p in stage_files(run_dir)]
     if not stages:
         raise RunError(f"{run_dir}/stages/ has no stage files yet: the run stopped before its first stage "
@@ -157,7 +158,7 @@ def _answer(out: Writer, row: dict[str, Any], side: str) -> None:
 
 
 def _limited(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = as_text(value)
     return text if len(text) <= RAW_LIMIT else text[:RAW_LIMIT] + f" [... {len(text) - RAW_LIMIT:,} more characters]"
 
 
@@ -331,7 +332,7 @@ def inspect(run_dir: str | Path, stage: str | int | None = None, row_id: str | N
     if width is None:
         width = min(shutil.get_terminal_size((100, 24)).columns, 110)
     out = Writer(width)
-    if not (run_dir / "manifest.json").exists():
+    if not (run_dir / MANIFEST).exists():
         out.line(f"note: {run_dir} has no manifest.json: the run has not finished; showing the stages written so far")
     if row_id is not None:
         _show_row(run_dir, stages, stage, row_id.strip(), out)

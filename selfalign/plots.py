@@ -12,10 +12,11 @@ importing this module never opens a window or changes another caller's backend.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import polars as pl
 
+from .manifest import Manifest
 from .markup import shorten
 from .metrics import CRITIQUE_COLUMNS, VERDICTS, agreement_share, critique_verdict, human_verdicts
 
@@ -66,12 +67,12 @@ def stage_label(index: int, kind: str) -> str:
 
 # -- row funnel -----------------------------------------------------------------------------------------
 
-def plot_funnel(manifest: dict[str, Any], path: Path) -> Path:
+def plot_funnel(manifest: Manifest, path: Path) -> Path:
     """Horizontal stacked bars, one per stage: the rows it kept, then the rows it dropped split by reason."""
-    funnel = manifest.get("rows") or []
+    funnel = manifest["rows"]
     if not funnel:
         raise NoData("the manifest lists no stages")
-    reasons = sorted({r for stage in funnel for r in stage.get("drop_reasons", {})})
+    reasons = sorted({r for stage in funnel for r in stage["drop_reasons"]})
     colours = {reason: PALETTE[i % len(PALETTE)] for i, reason in enumerate(reasons)}
     figure = _figure(8.5, 0.55 * len(funnel) + 1.6 + 0.22 * len(reasons))
     axis = figure.add_subplot()
@@ -82,7 +83,7 @@ def plot_funnel(manifest: dict[str, Any], path: Path) -> Path:
                   fontsize=8, color="black" if not stage["dropped"] else "white")
         left = stage["out"]
         for reason in reasons:
-            count = stage.get("drop_reasons", {}).get(reason, 0)
+            count = stage["drop_reasons"].get(reason, 0)
             if count:
                 axis.barh(y, count, left=left, color=colours[reason])
                 left += count
@@ -117,19 +118,20 @@ def critique_scores(df: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(parts) if parts else pl.DataFrame(schema={"target": pl.Utf8, "score": pl.Float64})
 
 
-def pair_scores(final: pl.DataFrame | None, manifest: dict[str, Any] | None = None) -> pl.DataFrame:
+def pair_scores(final: pl.DataFrame | None, manifest: Manifest | None = None) -> pl.DataFrame:
     """The final pairs' chosen_score / rejected_score (from the frame, else the manifest's histograms)."""
     if final is not None and {"chosen_score", "rejected_score"} <= set(final.columns):
         return pl.concat([final.select(target=pl.lit(t), score=pl.col(f"{t}_score").cast(pl.Float64)).drop_nulls()
                           for t in ("chosen", "rejected")])
-    histograms = ((manifest or {}).get("dataset") or {}).get("score_histograms") or {}
+    # A histogram per score column the final rows have: none at all for rows without scores.
+    histograms = manifest["dataset"]["score_histograms"] if manifest is not None else {}
     rows = [(target, float(value)) for target in ("chosen", "rejected")
             for value, count in histograms.get(f"{target}_score", {}).items() for _ in range(count)]
     return pl.DataFrame(rows, schema={"target": pl.Utf8, "score": pl.Float64}, orient="row")
 
 
 def plot_scores(path: Path, final: pl.DataFrame | None = None, critiques: pl.DataFrame | None = None,
-                manifest: dict[str, Any] | None = None, critique_title: str = "every critique, before filtering",
+                manifest: Manifest | None = None, critique_title: str = "every critique, before filtering",
                 final_title: str = "final pairs (chosen_score, rejected_score)") -> Path:
     """Histograms of chosen vs rejected scores: each raw critique (`critiques`, from `critique_scores`) and
     the final pairs (`final` with chosen_score/rejected_score, or the manifest's score_histograms)."""
@@ -401,51 +403,37 @@ def plot_category_agreement(table: pl.DataFrame, path: Path, column: str = "cate
 
 # -- tokens and wall time -------------------------------------------------------------------------------
 
-def cost_table(manifest: dict[str, Any]) -> pl.DataFrame:
-    """Per stage: wall seconds, and tokens when the manifest records them per stage (`tokens` in a funnel
-    entry); otherwise null tokens (per-model totals are in manifest['models'])."""
+def cost_table(manifest: Manifest) -> pl.DataFrame:
+    """Per stage: wall seconds and the tokens its model calls used."""
     rows = []
-    for stage in manifest.get("rows") or []:
-        tokens = stage.get("tokens") or stage.get("metrics", {}).get("tokens") or {}
-        rows.append({"stage": stage["stage"], "kind": stage["kind"], "seconds": float(stage.get("seconds") or 0),
-                     "prompt_tokens": tokens.get("prompt"), "completion_tokens": tokens.get("completion")})
+    for stage in manifest["rows"]:
+        rows.append({"stage": stage["stage"], "kind": stage["kind"], "seconds": float(stage["seconds"]),
+                     "prompt_tokens": stage["tokens"]["prompt"], "completion_tokens": stage["tokens"]["completion"]})
     return pl.DataFrame(rows, schema={"stage": pl.Int64, "kind": pl.Utf8, "seconds": pl.Float64,
                                       "prompt_tokens": pl.Int64, "completion_tokens": pl.Int64})
 
 
-def plot_cost(manifest: dict[str, Any], path: Path) -> Path:
-    """Wall time per stage, and tokens (prompt + completion) per stage, or per model when the manifest only
-    has per-model totals."""
+def plot_cost(manifest: Manifest, path: Path) -> Path:
+    """Wall time per stage, and tokens (prompt + completion) per stage when any model was called."""
     table = cost_table(manifest)
     if table.height == 0:
         raise NoData("the manifest lists no stages")
-    per_stage = table["prompt_tokens"].null_count() < table.height
-    models = manifest.get("models") or {}
-    if per_stage:
-        token_labels = [stage_label(s, k) for s, k in table.select("stage", "kind").rows()]
-        prompt = table["prompt_tokens"].fill_null(0).to_list()
-        completion = table["completion_tokens"].fill_null(0).to_list()
-        token_title = "tokens per stage"
-    else:
-        token_labels = list(models)
-        prompt = [models[m].get("calls", {}).get("prompt_tokens", 0) for m in models]
-        completion = [models[m].get("calls", {}).get("completion_tokens", 0) for m in models]
-        token_title = "tokens per model (all its stages)"
-    panels = 2 if token_labels and sum(prompt) + sum(completion) > 0 else 1
+    labels = [stage_label(s, k) for s, k in table.select("stage", "kind").rows()]
+    prompt, completion = table["prompt_tokens"].to_list(), table["completion_tokens"].to_list()
+    panels = 2 if sum(prompt) + sum(completion) > 0 else 1
     figure = _figure(4.6 * panels, 0.4 * table.height + 2.0)
     axis = figure.add_subplot(1, panels, 1)
-    labels = [stage_label(s, k) for s, k in table.select("stage", "kind").rows()]
     axis.barh(labels, table["seconds"].to_list(), color=CHOSEN)
     for y, seconds in enumerate(table["seconds"].to_list()):
         axis.text(seconds, y, f" {seconds:.1f}s", va="center", fontsize=8)
     axis.invert_yaxis()
     axis.margins(x=0.2)
     axis.set_xlabel("seconds")
-    axis.set_title(f"wall time per stage (run {manifest.get('seconds', sum(table['seconds'])):.1f}s)", fontsize=9)
+    axis.set_title(f"wall time per stage (run {manifest['seconds']:.1f}s)", fontsize=9)
     if panels == 2:
         axis = figure.add_subplot(1, 2, 2)
-        axis.barh(token_labels, prompt, color="#56B4E9", label="prompt")
-        axis.barh(token_labels, completion, left=prompt, color="#E69F00", label="completion")
+        axis.barh(labels, prompt, color="#56B4E9", label="prompt")
+        axis.barh(labels, completion, left=prompt, color="#E69F00", label="completion")
         for y, (p, c) in enumerate(zip(prompt, completion)):
             if p + c:
                 axis.text(p + c, y, " " + _count_formatter()(p + c, None), va="center", fontsize=8)
@@ -453,6 +441,6 @@ def plot_cost(manifest: dict[str, Any], path: Path) -> Path:
         axis.margins(x=0.2)
         axis.set_xlabel("tokens")
         axis.xaxis.set_major_formatter(_count_formatter())
-        axis.set_title(token_title, fontsize=9)
+        axis.set_title("tokens per stage", fontsize=9)
         axis.legend(fontsize=7, loc="lower right")
     return _save(figure, path)

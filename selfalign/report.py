@@ -9,7 +9,6 @@ card's histograms use too.
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import re
 from collections import Counter
@@ -18,15 +17,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import RunError
+from .manifest import Attempt, Manifest
 from .markup import esc, html_table
 from .metrics import AGREEMENT_AFTER, AGREEMENT_BEFORE
+from .rundir import DROPPED, REPORT, STAGES, check_run_dir, read_manifest, stage_name, stage_path
 
 if TYPE_CHECKING:  # imported where used, so that `selfalign --help` does not pay for polars and matplotlib
     import polars as pl
 
     from . import plots
 
-STAGE_FILE = re.compile(r"^(\d+)-([a-z_]+)\.parquet$")
 # Columns the plots and the sample table read; the rest of a stage file (often most of its bytes) stays on disk.
 COLUMNS = ("row_id", "source", "prompt", "chosen", "rejected", "chosen_critiques", "rejected_critiques",
            "chosen_score", "rejected_score", "margin", "category", "judge_verdict", "drop_reason")
@@ -35,7 +35,7 @@ COLUMNS = ("row_id", "source", "prompt", "chosen", "rejected", "chosen_critiques
 @dataclass
 class RunData:
     run_dir: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     stages: list[plots.Stage] = field(default_factory=list)
 
     @property
@@ -43,72 +43,31 @@ class RunData:
         return self.stages[-1][2] if self.stages else None
 
 
-def stage_files(run_dir: Path, folder: str = "stages") -> list[tuple[int, str, Path]]:
-    found = []
-    for path in sorted((run_dir / folder).glob("*.parquet")):
-        match = STAGE_FILE.match(path.name)
-        if match:
-            found.append((int(match.group(1)), match.group(2), path))
-    return sorted(found)
-
-
-def read_frame(path: Path, columns: tuple[str, ...] | None = COLUMNS) -> pl.DataFrame:
+def read_frame(path: Path, columns: tuple[str, ...] = COLUMNS) -> pl.DataFrame:
+    """The `columns` of a stage file that it has."""
     import polars as pl
 
-    if columns is None:
-        return pl.read_parquet(path)
     present = pl.read_parquet_schema(path)
     return pl.read_parquet(path, columns=[c for c in columns if c in present])
 
 
-def check_run_dir(run_dir: Path, need_manifest: bool = True) -> None:
-    """RunError with the fix when run_dir is not a run directory, is still being written, or did not finish."""
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run directory; run a pipeline first (`selfalign run FILE`, which writes "
-                       "outputs/<name>/) or pass the --output DIR it used")
-    if not (run_dir / "stages").is_dir() and not (run_dir / "manifest.json").exists():
-        raise RunError(f"{run_dir} is not a selfalign run directory (no stages/ and no manifest.json); pass the "
-                       "directory `selfalign run` wrote, e.g. outputs/<pipeline name>")
-    lock = run_dir / ".lock"
-    if lock.exists():
-        with open(lock) as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = handle.read().strip() or "unknown"
-                raise RunError(f"{run_dir} is being written by a running `selfalign run` (PID {holder}); wait for "
-                               "it to finish, then try again") from None
-            fcntl.flock(handle, fcntl.LOCK_UN)
-    if not need_manifest:
-        return
-    manifest = run_dir / "manifest.json"
-    if not manifest.exists():
-        raise RunError(f"{run_dir} has no manifest.json: the run did not finish; re-run the same `selfalign run` "
-                       "command (it resumes from the cache) and report again")
-    try:
-        status = json.loads(manifest.read_text()).get("status")
-    except (OSError, ValueError) as exc:
-        raise RunError(f"{manifest} cannot be read ({exc}); re-run the same `selfalign run` command to rewrite "
-                       "it") from None
-    if status != "complete":
-        raise RunError(f"{run_dir}: the run is not complete (manifest status {status!r}); re-run the same "
-                       "`selfalign run` command to finish it")
-
-
 def load_run(run_dir: str | Path) -> RunData:
+    """A finished run's manifest and the stage files it names (kept and dropped rows, COLUMNS only); RunError
+    with the fix when the run is missing, busy, unfinished or lacks a stage file."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_manifest(run_dir)
     # The manifest names the stages of the last run; files of a longer, older pipeline may linger beside them.
-    expected = [(s["stage"], s["kind"]) for s in manifest.get("rows", [])]
-    found = {(i, k): p for i, k, p in stage_files(run_dir)}
-    missing = [f"stages/{i:02d}-{k}.parquet" for i, k in expected if (i, k) not in found]
+    expected = [(s["stage"], s["kind"]) for s in manifest["rows"]]
+    missing = [f"{STAGES}/{stage_name(i, k)}.parquet" for i, k in expected if not stage_path(run_dir, i, k).exists()]
     if missing:
         raise RunError(f"{run_dir}: manifest.json lists stages whose files are missing ({', '.join(missing)}); "
                        "re-run the same `selfalign run` command to rewrite them")
-    dropped = {(i, k): p for i, k, p in stage_files(run_dir, "dropped")}
-    stages = [(i, k, read_frame(found[i, k]), read_frame(dropped[i, k]) if (i, k) in dropped else None)
-              for i, k in expected]
+    stages = []
+    for index, kind in expected:
+        dropped = stage_path(run_dir, index, kind, DROPPED)
+        stages.append((index, kind, read_frame(stage_path(run_dir, index, kind)),
+                       read_frame(dropped) if dropped.exists() else None))
     return RunData(run_dir, manifest, stages)
 
 
@@ -188,14 +147,13 @@ def _table_html(df: pl.DataFrame) -> str:
     return html_table(df.columns, [list(r) for r in df.rows()]) if df.height else ""
 
 
-def _funnel_html(manifest: dict[str, Any]) -> str:
+def _funnel_html(manifest: Manifest) -> str:
     rows = []
-    for s in manifest.get("rows", []):
-        reasons = "; ".join(f"{r}: {n:,}" for r, n in s.get("drop_reasons", {}).items())
-        metrics = {k: v for k, v in (s.get("metrics") or {}).items()}
+    for s in manifest["rows"]:
+        reasons = "; ".join(f"{r}: {n:,}" for r, n in s["drop_reasons"].items())
         rows.append([s["stage"], s["kind"], s["in"], s["out"], s["dropped"], reasons or "-",
-                     f"{s['agreement_with_human']:.1%}" if s.get("agreement_with_human") is not None else "-",
-                     json.dumps(metrics, ensure_ascii=False) if metrics else "-"])
+                     f"{s['agreement_with_human']:.1%}" if s["agreement_with_human"] is not None else "-",
+                     json.dumps(s["metrics"], ensure_ascii=False) if s["metrics"] else "-"])
     return html_table(["stage", "kind", "in", "out", "dropped", "drop reasons", "agreement with human", "metrics"],
                   rows, numeric={0, 2, 3, 4, 6})
 
@@ -211,7 +169,7 @@ def _scores_html(run: RunData, final: pl.DataFrame | None) -> str:
     return html_table(["column", "pairs", "mean", "median", "min", "max"], stats)
 
 
-def _agreement_html(manifest: dict[str, Any], table: pl.DataFrame) -> str:
+def _agreement_html(manifest: Manifest, table: pl.DataFrame) -> str:
     parts = []
     if table.height:
         rows = [[f"after {r['stage']} {r['kind']}", r["human_rows"], r["agrees"], r["tied"], r["disagrees"],
@@ -221,15 +179,16 @@ def _agreement_html(manifest: dict[str, Any], table: pl.DataFrame) -> str:
                      "pair; the columns say which answer the mean critique score prefers.</p>")
         parts.append(html_table(["stage", "human prefers chosen", "critique prefers chosen", "tied",
                              "critique prefers rejected", "no scores", "agreement"], rows, numeric={1, 2, 3, 4, 5, 6}))
-    filters = [[s["stage"], s["kind"], s["metrics"].get(AGREEMENT_BEFORE), s["metrics"].get(AGREEMENT_AFTER)]
-               for s in manifest.get("rows", []) if AGREEMENT_BEFORE in (s.get("metrics") or {})]
+    # Stage metrics are each stage's own keys: the filters that compare with the labels write both of these.
+    filters = [[s["stage"], s["kind"], s["metrics"][AGREEMENT_BEFORE], s["metrics"][AGREEMENT_AFTER]]
+               for s in manifest["rows"] if AGREEMENT_BEFORE in s["metrics"]]
     if filters:
         parts.append("<p>Consistency filters, as recorded in the manifest:</p>")
         parts.append(html_table(["stage", "kind", "agreement before", "agreement after"], filters))
     return "".join(parts)
 
 
-def _lengths_html(manifest: dict[str, Any]) -> str:
+def _lengths_html(manifest: Manifest) -> str:
     """Row length percentiles per exported format (the export stage's metrics), to choose max_length by."""
     from .trainer_formats import LENGTHS_NOTE, length_rows
 
@@ -241,22 +200,18 @@ def _lengths_html(manifest: dict[str, Any]) -> str:
                                      numeric={2, 3, 4, 5, 6})
 
 
-def _cost_html(manifest: dict[str, Any]) -> str:
-    calls, tokens = manifest.get("model_calls") or {}, manifest.get("tokens") or {}
+def _cost_html(manifest: Manifest) -> str:
+    calls, tokens = manifest["model_calls"], manifest["tokens"]
     rows = []
-    for name, model in (manifest.get("models") or {}).items():
-        c = model.get("calls", {})
-        identity = model.get("identity") or {}
-        seconds = c.get("seconds") or 0
-        rate = c.get("completion_tokens", 0) / seconds if seconds else None
-        rows.append([name, f"{identity.get('backend', '?')}: {identity.get('model', '?')}", c.get("requested", 0),
-                     c.get("cached", 0), c.get("sent", 0), c.get("failed", 0), c.get("prompt_tokens", 0),
-                     c.get("completion_tokens", 0), round(seconds, 2), round(rate, 1) if rate else None])
-    if calls:
-        rows.append(["all models", "", calls.get("requested", 0), calls.get("cached", 0), calls.get("sent", 0),
-                     calls.get("failed", 0), tokens.get("prompt", 0), tokens.get("completion", 0), None, None])
-    if not rows:
-        return "<p>No model was called.</p>"
+    for name, model in manifest["models"].items():
+        c, identity = model["calls"], model["identity"]
+        seconds = c["seconds"]
+        rate = c["completion_tokens"] / seconds if seconds else None
+        rows.append([name, f"{identity['backend']}: {identity['model']}", c["requested"], c["cached"], c["sent"],
+                     c["failed"], c["prompt_tokens"], c["completion_tokens"], round(seconds, 2),
+                     round(rate, 1) if rate else None])
+    rows.append(["all models", "", calls["requested"], calls["cached"], calls["sent"], calls["failed"],
+                 tokens["prompt"], tokens["completion"], None, None])
     return html_table(["model", "backend: model", "calls requested", "cached", "sent", "failed", "prompt tokens",
                    "completion tokens", "seconds in calls", "completion tok/s"], rows, numeric=set(range(2, 10)))
 
@@ -302,29 +257,27 @@ def _samples_html(run: RunData, count: int = 3) -> str:
     return "".join(out)
 
 
-def _attempts_text(attempts: list[dict[str, Any]], sent: int | None) -> str:
+def _attempts_text(attempts: list[Attempt], sent: int) -> str:
     if not attempts:
         return "-"
     ended = Counter(attempt["status"] for attempt in attempts)
-    return f"{sent or 0:,} over {len(attempts)} attempt(s): " + ", ".join(f"{n} {status}" for status, n in ended.items())
+    return f"{sent:,} over {len(attempts)} attempt(s): " + ", ".join(f"{n} {status}" for status, n in ended.items())
 
 
 def _summary_html(run: RunData) -> str:
     m = run.manifest
-    funnel = m.get("rows") or []
-    calls = m.get("model_calls") or {}
-    dataset = m.get("dataset") or {}
+    funnel, calls, dataset = m["rows"], m["model_calls"], m["dataset"]
     items = [
-        ("pipeline", m.get("pipeline_file")), ("started", m.get("started")),
-        ("wall time", f"{m.get('seconds', 0):.1f} s"),
-        ("rows", f"{funnel[0]['in']:,} in &rarr; {m.get('rows_out', 0):,} out" if funnel else "-"),
-        ("sources", ", ".join(f"{k}: {v:,}" for k, v in (dataset.get("sources") or {}).items()) or "-"),
-        ("agreement with human (final)", dataset.get("agreement_with_human")),
-        ("model calls", ", ".join(f"{k} {calls.get(k, 0):,}" for k in ("requested", "cached", "sent", "failed"))),
+        ("pipeline", m["pipeline_file"]), ("started", m["started"]),
+        ("wall time", f"{m['seconds']:.1f} s"),
+        ("rows", f"{funnel[0]['in']:,} in &rarr; {m['rows_out']:,} out" if funnel else "-"),
+        ("sources", ", ".join(f"{k}: {v:,}" for k, v in dataset["sources"].items()) or "-"),
+        ("agreement with human (final)", dataset["agreement_with_human"]),
+        ("model calls", ", ".join(f"{k} {calls[k]:,}" for k in ("requested", "cached", "sent", "failed"))),
         # What was paid over the run's whole life: this attempt's `sent` leaves out earlier (killed) attempts.
-        ("calls sent, all attempts", _attempts_text(m.get("attempts") or [], m.get("calls_sent_all_attempts"))),
-        ("tokens", ", ".join(f"{k} {v:,}" for k, v in (m.get("tokens") or {}).items())),
-        ("config sha256", m.get("config_sha256")), ("selfalign", m.get("selfalign_version")),
+        ("calls sent, all attempts", _attempts_text(m["attempts"], m["calls_sent_all_attempts"])),
+        ("tokens", ", ".join(f"{k} {v:,}" for k, v in m["tokens"].items())),
+        ("config sha256", m["config_sha256"]), ("selfalign", m["selfalign_version"]),
     ]
     rows = "".join(f"<tr><th>{esc(k)}</th><td>{v if k in ('rows',) else esc(v if v is not None else '-')}</td></tr>"
                    for k, v in items)
@@ -381,7 +334,7 @@ def _data_uri(path: Path) -> str:
 
 
 def build_html(run: RunData, rendered: list[Plot]) -> str:
-    name = run.manifest.get("name") or run.run_dir.name
+    name = run.manifest["name"]
     sections = [("summary", "Run", _summary_html(run))]
     for plot in rendered:
         body = f"<p>{EXPLAIN.get(plot.name, '')}</p>"
@@ -409,7 +362,7 @@ def write_report(run_dir: str | Path) -> Path:
     from .atomic import write_text
 
     run = load_run(run_dir)
-    directory = run.run_dir / "report"
+    directory = run.run_dir / REPORT
     rendered = render_plots(run, directory)
     target = directory / "index.html"
     write_text(build_html(run, rendered), target)
