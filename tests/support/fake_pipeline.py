@@ -22,6 +22,11 @@ CRITIQUE_CONSISTENCY_EXPORT = (
 )
 
 
+def load_hh_rlhf(path: str | Path) -> dict:
+    """The load stage of an HH-RLHF file: a row that holds no preference pair goes to dropped/, not an error."""
+    return {"kind": "load", "path": path, "format": "hh-rlhf", "on_bad_row": "drop"}
+
+
 def fake_pipeline_yaml(name: str, stages: Sequence[dict], *, models: Sequence[str] = ("critic",),
                        latency_s: float | None = None) -> str:
     """A pipeline named `name` whose `models` all use the fake backend (each `latency_s` seconds a reply when
