@@ -13,22 +13,8 @@ import sys
 
 import pytest
 
-PIPELINE = """\
-schema_version: 1
-name: disk
-models:
-  critic: {{backend: fake}}
-stages:
-  - kind: load
-    path: {data}
-    format: hh-rlhf
-    on_bad_row: drop
-  - kind: critique
-    model: critic
-    samples: 2
-  - kind: consistency
-  - kind: export
-"""
+from tests.support.fake_pipeline import CRITIQUE_CONSISTENCY_EXPORT, fake_pipeline_yaml, load_hh_rlhf
+
 ROWS = 600
 CALLS = ROWS * 2 * 2  # rows x (chosen, rejected) x samples
 
@@ -71,7 +57,7 @@ def in_mount_namespace(body: str) -> dict:
 
 def test_disk_full_midway_is_a_clear_error_and_the_rerun_pays_only_the_rest(hh_data, tmp_path):
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(PIPELINE.format(data=hh_data))
+    pipeline.write_text(fake_pipeline_yaml("disk", [load_hh_rlhf(hh_data), *CRITIQUE_CONSISTENCY_EXPORT]))
     mount = tmp_path / "mnt"
     mount.mkdir()
     run = mount / "run"
@@ -101,7 +87,7 @@ RESULTS["manifest"] = json.loads(pathlib.Path("{run}/manifest.json").read_text()
 
 def test_read_only_output_directory_is_a_clear_error_and_writes_nothing(hh_data, tmp_path):
     pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(PIPELINE.format(data=hh_data))
+    pipeline.write_text(fake_pipeline_yaml("disk", [load_hh_rlhf(hh_data), *CRITIQUE_CONSISTENCY_EXPORT]))
     mount = tmp_path / "mnt"
     mount.mkdir()
     steps = in_mount_namespace(f"""

@@ -12,22 +12,7 @@ import time
 import polars as pl
 import pytest
 
-PIPELINE = """\
-schema_version: 1
-name: resume
-models:
-  critic: {{backend: fake, latency_s: 0.004}}
-stages:
-  - kind: load
-    path: {data}
-    format: hh-rlhf
-    on_bad_row: drop
-  - kind: critique
-    model: critic
-    samples: 2
-  - kind: consistency
-  - kind: export
-"""
+from tests.support.fake_pipeline import CRITIQUE_CONSISTENCY_EXPORT, fake_pipeline_yaml, load_hh_rlhf
 
 
 def start(pipeline, run_dir):
@@ -46,7 +31,8 @@ def cached_replies(run_dir) -> int:
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_kill_9_then_resume_equals_undisturbed_run(write_pipeline, hh_data, tmp_path, seed):
     """Five kills at random moments: after a random share (5-90%) of the calls are cached, plus a random pause."""
-    pipeline = write_pipeline(PIPELINE.format(data=hh_data))
+    pipeline = write_pipeline(fake_pipeline_yaml("resume", [load_hh_rlhf(hh_data), *CRITIQUE_CONSISTENCY_EXPORT],
+                                                 latency_s=0.004))
     reference = subprocess.run([sys.executable, "-m", "selfalign.cli", "run", str(pipeline), "--output",
                                 str(tmp_path / "reference"), "--limit", "250", "--quiet"], capture_output=True)
     assert reference.returncode == 0, reference.stderr.decode()

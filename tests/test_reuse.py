@@ -11,25 +11,19 @@ from selfalign.backends.fake import FakeBackend
 from selfalign.config import load_pipeline
 from selfalign.runner import run_pipeline
 from selfalign.stages import critique
+from tests.support.fake_pipeline import fake_pipeline_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PIPELINE = """\
-schema_version: 1
-name: reuse
-models:
-  critic: {{backend: fake}}
-stages:
-  - kind: load
-    path: {data}
-    format: trl
-  - kind: critique
-    model: critic
-    prompt: {prompt}
-    samples: {samples}
-  - kind: consistency
-  - kind: export
-"""
+
+def pipeline_yaml(data: Path, prompt: Path, samples: int) -> str:
+    return fake_pipeline_yaml("reuse", [
+        {"kind": "load", "path": data, "format": "trl"},
+        {"kind": "critique", "model": "critic", "prompt": prompt, "samples": samples},
+        {"kind": "consistency"},
+        {"kind": "export"},
+    ])
+
 
 ROWS = 12  # pipelines/data/quickstart_pairs.jsonl
 
@@ -44,7 +38,7 @@ def prompt(tmp_path):
 @pytest.fixture
 def pipeline(write_pipeline, prompt):
     def make(samples: int = 2):
-        return load_pipeline(write_pipeline(PIPELINE.format(
+        return load_pipeline(write_pipeline(pipeline_yaml(
             data=ROOT / "pipelines" / "data" / "quickstart_pairs.jsonl", prompt=prompt, samples=samples)))
     return make
 
@@ -114,7 +108,7 @@ def test_changed_input_rows_rerun_the_stage(write_pipeline, prompt, tmp_path):
     lines = (ROOT / "pipelines" / "data" / "quickstart_pairs.jsonl").read_text().splitlines()
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(lines) + "\n")
-    loaded = load_pipeline(write_pipeline(PIPELINE.format(data=data, prompt=prompt, samples=2)))
+    loaded = load_pipeline(write_pipeline(pipeline_yaml(data=data, prompt=prompt, samples=2)))
     run_dir = tmp_path / "run"
     run(loaded, run_dir, FakeBackend())
     data.write_text("\n".join(lines[:-1]) + "\n")  # one row fewer
