@@ -14,6 +14,7 @@ from selfalign.formats import from_hh_rlhf
 from selfalign.runner import run_pipeline
 from selfalign.stages.mix import MixConfig, MixInput, run as mix
 from selfalign.stages.pair import PairConfig, choose
+from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
 
 PIPELINES = ["critic_rm", "self_rewarding", "rubric_story", "ultrafeedback"]
 
@@ -106,16 +107,8 @@ def test_pair_rules():
 
 def test_judge_keeps_only_position_consistent_verdicts(hh_data, tmp_path):
     pipeline = tmp_path / "judge.yaml"
-    pipeline.write_text(f"""\
-schema_version: 1
-name: judge
-models:
-  j: {{backend: fake}}
-stages:
-  - {{kind: load, path: {hh_data}, format: hh-rlhf, on_bad_row: drop}}
-  - {{kind: judge, model: j}}
-  - {{kind: export}}
-""")
+    pipeline.write_text(fake_pipeline_yaml("judge", [load_hh_rlhf(hh_data), {"kind": "judge", "model": "j"},
+                                                     {"kind": "export"}], models=("j",)))
     # A judge that always says "A": it never agrees with itself across orders.
     always_a = FakeBackend(responder=lambda r: json.dumps({"reasoning": "first is best", "winner": "A"}))
     manifest = run_pipeline(load_pipeline(pipeline), output=tmp_path / "a", limit=40, quiet=True,

@@ -15,19 +15,8 @@ import pytest
 from selfalign.backends.fake import FakeBackend
 from selfalign.config import load_pipeline
 from selfalign.runner import run_pipeline
+from tests.support.fake_pipeline import fake_pipeline_yaml
 
-PIPELINE = """\
-schema_version: 1
-name: recheck
-models:
-  critic: {{backend: fake}}
-stages:
-  - {{kind: load, path: pairs.jsonl, format: trl}}
-  - {{kind: critique, model: critic, samples: 2}}
-  - {{kind: consistency, min_margin: 1}}
-  - {{kind: refine, model: critic, method: summarize{option}}}
-  - {{kind: export, formats: [trl, critic-rm]}}
-"""
 ROWS = 30
 SUMMARY = {0: (2, 9), 1: (5, 5), 2: (9, 2)}  # row number % 3 -> (chosen, rejected) summary scores
 
@@ -42,12 +31,19 @@ def scripted(request) -> str:
     return json.dumps({"critique": f"critique {number}", "score": 8 if chosen_side else 3})
 
 
-def run(tmp_path, option: str = "") -> tuple[dict, pl.DataFrame, pl.DataFrame]:
+def run(tmp_path, refine: dict | None = None) -> tuple[dict, pl.DataFrame, pl.DataFrame]:
+    """ROWS pairs critiqued, checked, summarized (with the refine stage's further `refine` options), exported."""
     (tmp_path / "pairs.jsonl").write_text("".join(
         json.dumps({"prompt": f"Question {i}: what is {i} + {i}?", "chosen": f"{2 * i}, the right answer.",
                     "rejected": f"{2 * i + 1}, a wrong one."}) + "\n" for i in range(ROWS)))
     path = tmp_path / "pipeline.yaml"
-    path.write_text(PIPELINE.format(option=option))
+    path.write_text(fake_pipeline_yaml("recheck", [
+        {"kind": "load", "path": "pairs.jsonl", "format": "trl"},
+        {"kind": "critique", "model": "critic", "samples": 2},
+        {"kind": "consistency", "min_margin": 1},
+        {"kind": "refine", "model": "critic", "method": "summarize", **(refine or {})},
+        {"kind": "export", "formats": ["trl", "critic-rm"]},
+    ]))
     backend = FakeBackend(responder=scripted)
     manifest = run_pipeline(load_pipeline(path), output=tmp_path / "run", quiet=True,
                             backend_overrides={"critic": backend})
@@ -75,7 +71,7 @@ def test_flipped_and_tied_summaries_are_dropped_and_counted(tmp_path):
 
 
 def test_keep_original_keeps_the_critiques_consistency_passed(tmp_path):
-    manifest, kept, dropped = run(tmp_path, ", on_contradiction: keep_original")
+    manifest, kept, dropped = run(tmp_path, {"on_contradiction": "keep_original"})
     refine = manifest["rows"][3]
     assert refine["metrics"]["refined_flips"] == {"scores_contradict_label": 10, "scores_tied": 10}
     assert kept.height == ROWS and dropped.height == 0

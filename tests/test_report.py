@@ -30,6 +30,7 @@ from selfalign.formats import RowError, from_hh_rlhf
 from selfalign.inspect_run import inspect
 from selfalign.report import write_report
 from selfalign.runner import run_pipeline
+from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
 
 ROOT = Path(__file__).resolve().parent.parent
 HH_DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-test-1500.jsonl.gz"
@@ -75,21 +76,15 @@ def mixed_run(tmp_path_factory) -> Path:
                 break
     synthetic.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pipeline = base / "mixed.yaml"
-    pipeline.write_text(f"""\
-schema_version: 1
-name: mixed
-models:
-  critic: {{backend: fake}}
-  j: {{backend: fake}}
-stages:
-  - {{kind: load, path: {_hh()}, format: hh-rlhf, on_bad_row: drop}}
-  - {{kind: critique, model: critic, samples: 3}}
-  - {{kind: consistency, min_margin: 1}}
-  - {{kind: mix, add: [{{path: {synthetic}, format: trl}}]}}
-  - {{kind: judge, model: j, on_disagreement: swap}}
-  - {{kind: filter, where: "margin >= 2 OR margin IS NULL", reason: small_margin}}
-  - {{kind: export}}
-""")
+    pipeline.write_text(fake_pipeline_yaml("mixed", [
+        load_hh_rlhf(_hh()),
+        {"kind": "critique", "model": "critic", "samples": 3},
+        {"kind": "consistency", "min_margin": 1},
+        {"kind": "mix", "add": [{"path": synthetic, "format": "trl"}]},
+        {"kind": "judge", "model": "j", "on_disagreement": "swap"},
+        {"kind": "filter", "where": "margin >= 2 OR margin IS NULL", "reason": "small_margin"},
+        {"kind": "export"},
+    ], models=("critic", "j")))
     run_dir = base / "run"
     run_pipeline(load_pipeline(pipeline), output=run_dir, limit=250, quiet=True)
     for path in [*run_dir.glob("stages/*.parquet"), *run_dir.glob("dropped/*.parquet")]:
