@@ -22,7 +22,6 @@ from selfalign.render import render
 from selfalign.runner import run_pipeline
 from selfalign.stages import model_stage_kinds
 from tests.support.fake_pipeline import fake_pipeline_yaml
-from tests.support.fake_pipeline import fake_pipeline_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"

@@ -23,7 +23,6 @@ from selfalign.config import config_hash, load_pipeline
 from selfalign.errors import ConfigErrors
 from selfalign.runner import run_pipeline
 from tests.support.fake_pipeline import fake_pipeline_yaml
-from tests.support.fake_pipeline import fake_pipeline_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CRITIQUE_PROMPT = ROOT / "prompts" / "critique.jinja"

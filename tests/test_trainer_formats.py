@@ -22,7 +22,6 @@ from selfalign.stages.export import ExportConfig, critique_prompt_from_stages, m
 from selfalign.trainer_formats import (FORMATS, MARGIN_FORMATS, NEEDS, critique_reply, format_frame,
                                        llama_factory_dataset_info, percentiles, split_by_prompt)
 from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
-from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
 
 ROOT = Path(__file__).resolve().parent.parent
 
