@@ -1,9 +1,11 @@
-"""`selfalign inspect RUN_DIR`: read rows of a run in a terminal, with their prompt, answers, critiques, scores.
+"""`selfalign inspect RUN_DIR` (argparse in cli.py, which calls `inspect`): read rows of a run in a terminal,
+with their prompt, answers, critiques, scores.
 
-- `--row-id ID` (a unique prefix is enough) follows one row through the stages and shows it where it ended:
-  in the last stage, or in the stage that dropped it, with the reason;
-- `--dropped REASON` lists the rows dropped with that reason (exact, else a case-insensitive substring);
-- neither: the first rows of a stage (`--stage`, default the last). `--stage` takes an index, a kind or a
+- `row_id` (`--row-id ID`, a unique prefix is enough) follows one row through the stages and shows it where it
+  ended: in the last stage, or in the stage that dropped it, with the reason;
+- `dropped` (`--dropped REASON`) lists the rows dropped with that reason (exact, else a case-insensitive
+  substring);
+- neither: the first `limit` rows of a stage (`stage`, default the last). `stage` takes an index, a kind or a
   file name (`2`, `consistency`, `02-consistency`).
 
 Works on an unfinished run too (it reads stages/ and dropped/, not the manifest), which is when it helps most.
@@ -341,21 +343,3 @@ def inspect(run_dir: str | Path, stage: str | int | None = None, row_id: str | N
     else:
         _show_stage(run_dir, stages, stage, limit, out)
     return out.text()
-
-
-def cmd_inspect(args) -> int:
-    print(inspect(args.run_dir, stage=args.stage, row_id=args.row_id, dropped=args.dropped, limit=args.limit),
-          end="")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    parser = subparsers.add_parser("inspect", help="show rows of a run: prompt, answers, critiques and scores")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. outputs/<pipeline name>")
-    parser.add_argument("--stage", help="stage index, kind or file name (default: the last stage; with --row-id: "
-                                        "wherever the row ended)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--row-id", metavar="ID", help="one row (a unique prefix of its row_id is enough)")
-    which.add_argument("--dropped", metavar="REASON", help="rows dropped with this reason (exact, else substring)")
-    parser.add_argument("--limit", type=int, default=3, help="rows to show (default 3)")
-    parser.set_defaults(func=cmd_inspect)

@@ -1,4 +1,5 @@
-"""`selfalign report RUN_DIR`: one self-contained HTML page about a finished run, plus its plots as PNGs.
+"""`selfalign report RUN_DIR` (argparse in cli.py, which calls `write_report`): one self-contained HTML page
+about a finished run, plus its plots as PNGs.
 
 `report/index.html` embeds every plot as a data: URI and carries its own CSS, so it opens from disk (or as
 an e-mail attachment) with no network request; the same PNGs are written beside it (`report/*.png`). A plot
@@ -367,15 +368,3 @@ def write_report(run_dir: str | Path) -> Path:
     target = directory / "index.html"
     write_text(build_html(run, rendered), target)
     return target
-
-
-def cmd_report(args) -> int:
-    path = write_report(args.run_dir)
-    print(path)
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    report = subparsers.add_parser("report", help="write RUN_DIR/report/index.html with plots of a finished run")
-    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, e.g. outputs/<pipeline name>")
-    report.set_defaults(func=cmd_report)

@@ -4,7 +4,6 @@ The slow test opens the report in headless Chromium (Debian package `chromium`) 
 no request may leave the page, and every image must decode.
 """
 
-import argparse
 import base64
 import fcntl
 import gzip
@@ -23,7 +22,8 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from selfalign import inspect_run, plots, report
+from selfalign import plots, report
+from selfalign.cli import build_parser
 from selfalign.config import load_pipeline
 from selfalign.errors import RunError
 from selfalign.formats import RowError, from_hh_rlhf
@@ -260,10 +260,7 @@ def test_report_refuses_missing_unfinished_and_busy_run_dirs(critic_rm_run, tmp_
 
 
 def test_cli_subcommands(critic_rm_run, capsys):
-    parser = argparse.ArgumentParser(prog="selfalign")
-    sub = parser.add_subparsers(dest="command", required=True)
-    report.add_cli(sub)
-    inspect_run.add_cli(sub)
+    parser = build_parser()
     args = parser.parse_args(["report", str(critic_rm_run)])
     assert args.func(args) == 0
     assert capsys.readouterr().out.strip() == str(critic_rm_run / "report" / "index.html")
