@@ -12,13 +12,14 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "selfalign"
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts
+def module_name(path: Path, package_root: Path = PACKAGE_ROOT) -> str:
+    """`<package_root>/a/b.py` -> `<package>.a.b`; a folder's `__init__.py` is the folder itself."""
+    parts = path.relative_to(package_root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def modules() -> dict[str, Path]:
-    return {module_name(path): path for path in sorted(PACKAGE_ROOT.rglob("*.py"))}
+def modules(package_root: Path = PACKAGE_ROOT) -> dict[str, Path]:
+    return {module_name(path, package_root): path for path in sorted(package_root.rglob("*.py"))}
 
 
 def _resolve(importer: str, is_package: bool, level: int, target: str | None) -> str:
@@ -34,7 +35,7 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """Modules of selfalign that `name` imports anywhere in its file (module level or inside functions)."""
+    """Modules in `known` that `name` imports anywhere in its file (module level or inside functions)."""
     found = set()
     is_package = path.name == "__init__.py"
     tree = ast.parse(path.read_text(), str(path))
@@ -59,8 +60,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    found = modules()
+def import_graph(package_root: Path = PACKAGE_ROOT) -> dict[str, set[str]]:
+    """Each module of the package at `package_root` (selfalign/ unless given) -> the package's modules it imports."""
+    found = modules(package_root)
     known = set(found)
     return {name: imports_of(name, path, known) for name, path in found.items()}
 
