@@ -29,8 +29,8 @@ from .card import CardInputs, render_card, render_histograms
 from .errors import PublishError
 from .manifest import RunContents
 from .rundir import stage_path
-from .trainer_formats import (FORMAT_NAMES, NEEDS, CritiquePrompt, default_critique_prompt, format_frame,
-                              llama_factory_dataset_info, split_by_prompt)
+from .trainer_formats import (FORMAT_NAMES, NEEDS, TRAINER_FORMATS, CritiquePrompt, default_critique_prompt,
+                              format_frame, split_by_prompt)
 
 DEFAULT_TEST_SIZE = 0.1
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -117,20 +117,16 @@ def build_formats(run: RunContents, formats: Iterable[str], splits: dict[str, pl
 
 
 def export_run(run: RunContents, fmt: str, to_dir: str | Path) -> dict[str, Path]:
-    """Write `<to_dir>/<split>.parquet` in format `fmt` (+ `dataset_info.json` for llama-factory); returns
-    {split or 'dataset_info': path}."""
+    """Write `<to_dir>/<split>.parquet` in format `fmt` and its side files (`dataset_info.json` for llama-factory);
+    returns {split or side file name without its suffix: path}."""
     from .stages.export import write_format
 
     frames = build_formats(run, [fmt])[fmt]
     to_dir = Path(to_dir)
     try:
-        write_format(frames, fmt, to_dir)
+        return write_format(frames, fmt, to_dir)
     except OSError as exc:
         raise PublishError(f"cannot write {to_dir}: {exc.strerror}; choose another --to directory") from None
-    written = {split: to_dir / f"{split}.parquet" for split in frames}
-    if fmt == "llama-factory":
-        written["dataset_info"] = to_dir / "dataset_info.json"
-    return written
 
 
 # -- what the card declares ------------------------------------------------------------------------
@@ -472,9 +468,10 @@ def push_frames(run: RunContents, repo_id: str, private: bool = True, formats: I
         readme = write_card(run, folder, formats, repo_id, options, _merged_metadata(existing, infos, counts, default),
                             secrets, splits=splits, formatted=formatted)
         DatasetCard(readme.read_text(encoding="utf-8")).validate(repo_type="dataset")
-        if "llama-factory" in formatted:
-            _write_text(folder / "dataset_info.json", json.dumps(llama_factory_dataset_info(
-                hub_repo=repo_id, split_names=tuple(formatted["llama-factory"])), indent=2) + "\n", secrets, public)
+        for name, frames in formatted.items():  # files a trainer reads beside the data, at the repo root
+            side_files = TRAINER_FORMATS[name].side_files
+            for file_name, content in (side_files(tuple(frames), repo_id) if side_files else {}).items():
+                _write_text(folder / file_name, json.dumps(content, indent=2) + "\n", secrets, public)
         if run.pipeline_text is not None:
             _write_text(folder / "selfalign" / "pipeline.yaml", run.pipeline_text, secrets, public)
         _write_text(folder / "selfalign" / "manifest.json", json.dumps(run.manifest, indent=2, ensure_ascii=False,

@@ -1,9 +1,15 @@
 """The output contract: canonical pairs -> the columns each reward-model trainer reads.
 
-Each function maps the final polars frame (canonical pair columns: `prompt` as a list of {role, content}
-messages, `chosen`/`rejected` as the final assistant turn's text, plus the critique columns the critique and
-consistency stages add) to a frame in one trainer's format. Splits are made by a hash of the prompt, so a
-prompt never appears in both train and test.
+`TRAINER_FORMATS` (below the builders) has one `TrainerFormat` per format: the columns it needs, the function
+that maps the final polars frame (canonical pair columns: `prompt` as a list of {role, content} messages,
+`chosen`/`rejected` as the final assistant turn's text, plus the critique columns the critique and consistency
+stages add) to a frame in that trainer's format, the conversations its trainer tokenizes, its usage text and
+its side files. The export stage, `selfalign export`, the Hub push, the dataset card and `validate` all read
+that table. Splits are made by a hash of the prompt, so a prompt never appears in both train and test.
+
+To add a trainer format: write its builder `to_<name>(df, options) -> pl.DataFrame` and add one entry to
+`TRAINER_FORMATS`; `FormatName` (the export and publish stages' `formats:`) and `FORMAT_NAMES` (the CLI's
+`--format`) come from it.
 
 | format | columns | consumer |
 | --- | --- | --- |
@@ -27,19 +33,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import polars as pl
 
 MESSAGE = pl.Struct({"role": pl.Utf8, "content": pl.Utf8})
-ASSISTANT = MESSAGE  # kept for older imports
 SHAREGPT = pl.Struct({"from": pl.Utf8, "value": pl.Utf8})
 
 # (prompt messages, response text, critique struct) -> the chat messages that asked for that critique.
 CritiquePrompt = Callable[[list[dict[str, str]], str, dict[str, Any]], list[dict[str, str]]]
+Messages = list[dict[str, str]]
 
-PAIR = {"prompt", "chosen", "rejected"}
-CRITIQUES = {"chosen_critiques", "rejected_critiques"}
+PAIR = frozenset({"prompt", "chosen", "rejected"})
+CRITIQUES = frozenset({"chosen_critiques", "rejected_critiques"})
 PROVENANCE = ("source", "row_id")
 
 # What the `margin` column of the formats in MARGIN_FORMATS holds (the export stage's `margin:`).
@@ -50,9 +57,15 @@ MARGIN_MODES: dict[str, str] = {
     "scaled": "the raw difference divided by the score range (score_range high - low): in [0, 1] for pairs "
               "whose scores agree with the label",
 }
-# Formats whose trainers put `margin` into the loss: TRL's RewardTrainer whenever the column exists, OpenRLHF's
-# train_rm with --model.margin_loss_enable.
-MARGIN_FORMATS = ("trl", "trl-implicit", "openrlhf")
+
+
+@dataclass(frozen=True)
+class FormatOptions:
+    """What a builder may be asked for beyond the rows."""
+
+    critique_prompt: CritiquePrompt | None = None  # critique-sft: the messages each critique was asked with
+    margin: MarginMode = "none"                    # the `margin` column (see MARGIN_MODES)
+    score_range: tuple[float, float] | None = None  # the scores' scale, for margin "scaled"
 
 
 def _as_assistant_message(column: str) -> pl.Expr:
@@ -74,7 +87,7 @@ def _critique_scores(column: str, alias: str) -> pl.Expr:
 
 
 def _require(df: pl.DataFrame, name: str) -> None:
-    missing = NEEDS[name] - set(df.columns)
+    missing = TRAINER_FORMATS[name].needs - set(df.columns)
     if missing:
         raise pl.exceptions.ColumnNotFoundError(f"format {name!r} needs column(s) {sorted(missing)}; the rows have "
                                                 f"{sorted(df.columns)}")
@@ -84,18 +97,17 @@ def _optional(df: pl.DataFrame, *columns: str) -> list[str]:
     return [c for c in columns if c in df.columns]
 
 
-def _margin(df: pl.DataFrame, mode: MarginMode = "raw", score_range: tuple[float, float] | None = None) \
-        -> list[pl.Expr]:
+def _margin(df: pl.DataFrame, options: FormatOptions) -> list[pl.Expr]:
     """A float `margin` for every row (TRL and OpenRLHF batch it as a tensor, so no nulls: 0.0 = no margin),
     or no column for mode "none"."""
-    if mode == "none" or "margin" not in df.columns:
+    if options.margin == "none" or "margin" not in df.columns:
         return []
     margin = pl.col("margin").cast(pl.Float64).fill_null(0.0).fill_nan(0.0)
-    if mode == "scaled":
-        if score_range is None:
+    if options.margin == "scaled":
+        if options.score_range is None:
             raise ValueError("margin: scaled needs the score range of the stage that scored the answers "
                              "(critique score_range or feedback reward_range); use margin: raw or none")
-        low, high = score_range
+        low, high = options.score_range
         margin = margin / float(high - low)
     return [margin.alias("margin")]
 
@@ -108,8 +120,7 @@ def _provenance(df: pl.DataFrame) -> list[pl.Expr]:
     return [pl.col(c) for c in _optional(df, *PROVENANCE)]
 
 
-def to_trl(df: pl.DataFrame, margin: MarginMode = "none", score_range: tuple[float, float] | None = None) \
-        -> pl.DataFrame:
+def to_trl(df: pl.DataFrame, options: FormatOptions) -> pl.DataFrame:
     """TRL conversational preference data with explicit prompt (+ critiques and scores when present, `margin`
     when asked for).
 
@@ -117,23 +128,21 @@ def to_trl(df: pl.DataFrame, margin: MarginMode = "none", score_range: tuple[flo
     harmless to `RewardTrainer`/`DPOTrainer` and useful to people reading the data; `margin` is not harmless."""
     extras = [_critique_texts(c) for c in _optional(df, "chosen_critiques", "rejected_critiques")]
     return df.select(pl.col("prompt"), _as_assistant_message("chosen"), _as_assistant_message("rejected"),
-                     *_margin(df, margin, score_range), *extras, *_scores(df), *_provenance(df))
+                     *_margin(df, options), *extras, *_scores(df), *_provenance(df))
 
 
-def to_trl_implicit(df: pl.DataFrame, margin: MarginMode = "none",
-                    score_range: tuple[float, float] | None = None) -> pl.DataFrame:
+def to_trl_implicit(df: pl.DataFrame, options: FormatOptions) -> pl.DataFrame:
     """TRL conversational preference data with implicit prompt: `chosen`/`rejected` are whole conversations."""
-    return df.select(_conversation("chosen"), _conversation("rejected"), *_margin(df, margin, score_range),
+    return df.select(_conversation("chosen"), _conversation("rejected"), *_margin(df, options),
                      *_scores(df), *_provenance(df))
 
 
-def to_openrlhf(df: pl.DataFrame, margin: MarginMode = "none",
-                score_range: tuple[float, float] | None = None) -> pl.DataFrame:
+def to_openrlhf(df: pl.DataFrame, options: FormatOptions) -> pl.DataFrame:
     """OpenRLHF's RewardDataset with `--data.apply_chat_template` and no prompt key (its usual recipe): it
     renders `chosen` and `rejected` with the chat template as they are, so each is the whole conversation.
     (An answer alone would train on answers without their prompts; `train_dpo` splits the prompt off itself,
     from `chosen[:-1]`.) `margin` is used only with `--model.margin_loss_enable`."""
-    return df.select(_conversation("chosen"), _conversation("rejected"), *_margin(df, margin, score_range),
+    return df.select(_conversation("chosen"), _conversation("rejected"), *_margin(df, options),
                      *_provenance(df))
 
 
@@ -144,31 +153,30 @@ def _sharegpt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"from": _SHAREGPT_ROLE.get(m["role"], m["role"]), "value": m["content"]} for m in messages]
 
 
-def to_llama_factory(df: pl.DataFrame) -> pl.DataFrame:
+def to_llama_factory(df: pl.DataFrame, options: FormatOptions) -> pl.DataFrame:
     """LLaMA-Factory's ShareGPT pairwise rows: `conversations` (system?, human, gpt, ..., human), and `chosen`
     and `rejected` as single {from: gpt, value} messages (see `llama_factory_dataset_info`)."""
-    _require(df, "llama-factory")
     conversations = pl.Series("conversations", [_sharegpt_messages(p) for p in df["prompt"].to_list()],
                               dtype=pl.List(SHAREGPT))
     gpt = lambda column: pl.struct(pl.lit("gpt").alias("from"), pl.col(column).alias("value")).alias(column)  # noqa: E731
-    return df.select(conversations, gpt("chosen"), gpt("rejected"), *_margin(df), *_provenance(df))
+    return df.select(conversations, gpt("chosen"), gpt("rejected"), *_margin(df, options), *_provenance(df))
 
 
-def to_critic_rm(df: pl.DataFrame) -> pl.DataFrame:
+def to_critic_rm(df: pl.DataFrame, options: FormatOptions) -> pl.DataFrame:
     """Pairs with their filtered critiques (texts and scores), for joint critique + reward training."""
     return df.select(pl.col("prompt"), pl.col("chosen"), pl.col("rejected"),
                      _critique_texts("chosen_critiques"), _critique_texts("rejected_critiques"),
                      _critique_scores("chosen_critiques", "chosen_critique_scores"),
                      _critique_scores("rejected_critiques", "rejected_critique_scores"),
-                     *_scores(df), *_margin(df), *_provenance(df))
+                     *_scores(df), *_margin(df, options), *_provenance(df))
 
 
-def to_cloud(df: pl.DataFrame) -> pl.DataFrame:
+def to_cloud(df: pl.DataFrame, options: FormatOptions) -> pl.DataFrame:
     """Critique-out-loud: the pair with the surviving critiques of each answer as feedback texts."""
     return df.select(pl.col("prompt"), pl.col("chosen"), pl.col("rejected"),
                      _critique_texts("chosen_critiques", "chosen_feedback"),
                      _critique_texts("rejected_critiques", "rejected_feedback"),
-                     *_scores(df), *_margin(df), *_provenance(df))
+                     *_scores(df), *_margin(df, options), *_provenance(df))
 
 
 def _number(value: float) -> int | float:
@@ -185,7 +193,14 @@ def critique_reply(critique: dict[str, Any]) -> str:
 
 def default_critique_prompt(prompt: list[dict[str, str]], response: str, critique: dict[str, Any]) \
         -> list[dict[str, str]]:
-    """Used when the run's critique template cannot be found (a run directory moved away from its YAML)."""
+    """The critique request for `critique-sft` when the run's own cannot be re-rendered: no critique stage in the
+    pipeline, or its template gone or changed since the run (a run directory moved away from its YAML).
+
+    It is the user message of prompts/critique.jinja in substance, written here rather than rendered from that
+    file on purpose: that template needs the critique stage's `score_range` and the rubric's descriptions, which
+    a critique row does not record, so rendering it would tell the critic a score range (and criteria) it may
+    never have been shown. This stand-in names only what the row holds: the conversation, the reply and the
+    criterion names."""
     conversation = "\n".join(f"{m['role'].upper()}: {m['content']}" for m in prompt)
     if critique.get("criterion_scores"):
         names = ", ".join(c["name"] for c in critique["criterion_scores"])
@@ -197,11 +212,10 @@ def default_critique_prompt(prompt: list[dict[str, str]], response: str, critiqu
              f"Write a short critique of this reply: what it does well, what it does badly.\n{ask}"}]
 
 
-def to_critique_sft(df: pl.DataFrame, critique_prompt: CritiquePrompt | None = None) -> pl.DataFrame:
+def to_critique_sft(df: pl.DataFrame, options: FormatOptions) -> pl.DataFrame:
     """One chat example per surviving critique: the critique prompt (system + user, as the critique stage sent
     it) then the critique and score JSON as the assistant turn."""
-    _require(df, "critique-sft")
-    render = critique_prompt or default_critique_prompt
+    render = options.critique_prompt or default_critique_prompt
     rows: dict[str, list] = {"messages": [], "target": [], "score": [], "sample_index": [], "model": []}
     provenance = _optional(df, *PROVENANCE)
     for name in provenance:
@@ -223,58 +237,7 @@ def to_critique_sft(df: pl.DataFrame, critique_prompt: CritiquePrompt | None = N
     return pl.DataFrame(rows, schema=schema)
 
 
-FORMATS: dict[str, Callable[[pl.DataFrame], pl.DataFrame]] = {
-    "trl": to_trl,
-    "trl-implicit": to_trl_implicit,
-    "openrlhf": to_openrlhf,
-    "llama-factory": to_llama_factory,
-    "critic-rm": to_critic_rm,
-    "cloud": to_cloud,
-    "critique-sft": to_critique_sft,
-}
-NEEDS: dict[str, set[str]] = {
-    "trl": set(PAIR),
-    "trl-implicit": set(PAIR),
-    "openrlhf": set(PAIR),
-    "llama-factory": set(PAIR),
-    "critic-rm": PAIR | CRITIQUES,
-    "cloud": PAIR | CRITIQUES,
-    "critique-sft": PAIR | CRITIQUES,
-}
-FORMAT_NAMES = tuple(FORMATS)
-
-# How each format is consumed, for the dataset card and `selfalign export` (REPO is the Hub id or a folder).
-USAGE = {
-    "trl": "TRL `RewardTrainer` / `DPOTrainer`: `load_dataset(\"REPO\", \"trl\")` (conversational, explicit prompt; "
-           "a `margin` column, when exported, enters `RewardTrainer`'s loss)",
-    "trl-implicit": "TRL `RewardTrainer` / `DPOTrainer`: `load_dataset(\"REPO\", \"trl-implicit\")` (conversational, "
-                    "implicit prompt)",
-    "openrlhf": "OpenRLHF `train_rm` / `train_dpo`: `--data.dataset REPO@openrlhf --data.apply_chat_template` "
-                "(`chosen`/`rejected` are whole conversations: no `--data.prompt_key`; rows longer than "
-                "`--data.max_len`, default 512 tokens, are truncated; with a `margin` column add "
-                "`--model.margin_loss_enable` to use it)",
-    "llama-factory": "LLaMA-Factory: `dataset_dir: REMOTE:REPO` (or the export folder) and "
-                     "`dataset: selfalign_train`; entries in `dataset_info.json` (`formatting: sharegpt`, "
-                     "`ranking: true`)",
-    "critic-rm": "joint critique + reward training (Critic-RM): the pair, surviving critiques and their scores",
-    "cloud": "critique-out-loud reward models: `chosen_feedback` / `rejected_feedback`",
-    "critique-sft": "critique-writing SFT (e.g. TRL `SFTTrainer`): `messages` per surviving critique",
-}
-
-
-def format_frame(name: str, df: pl.DataFrame, critique_prompt: CritiquePrompt | None = None,
-                 margin: MarginMode = "none", score_range: tuple[float, float] | None = None) -> pl.DataFrame:
-    """Rows in format `name`. `margin` (and `score_range` for "scaled") set the `margin` column of the formats in
-    MARGIN_FORMATS; the other formats ignore them."""
-    _require(df, name)
-    if name == "critique-sft":
-        return to_critique_sft(df, critique_prompt)
-    if name in MARGIN_FORMATS:
-        return FORMATS[name](df, margin, score_range)
-    return FORMATS[name](df)
-
-
-# -- sequence lengths: what a trainer's max_length cuts ---------------------------------------------
+# -- conversations: what a trainer's max_length cuts ----------------------------------------------
 
 _FROM_SHAREGPT = {"system": "system", "human": "user", "gpt": "assistant"}
 
@@ -283,25 +246,122 @@ def _with_answer(prompts: list, answers: list) -> list:
     return [list(p) + [{"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
 
 
-def sequences(name: str, frame: pl.DataFrame) -> list[list[list[dict[str, str]]]]:
-    """Per row of a frame in format `name`, the conversations its trainer tokenizes: the prompt with each answer
-    for the pair formats (TRL drops a row when either is longer than max_length, OpenRLHF truncates), the
-    messages for critique-sft."""
-    if name == "critique-sft":
-        return [[m] for m in frame["messages"].to_list()]
-    if name in ("trl-implicit", "openrlhf"):
-        conversations = [frame["chosen"].to_list(), frame["rejected"].to_list()]
-    elif name == "trl":
-        prompts = frame["prompt"].to_list()
-        conversations = [[p + a for p, a in zip(prompts, frame[c].to_list())] for c in ("chosen", "rejected")]
-    elif name == "llama-factory":
-        prompts = [[{"role": _FROM_SHAREGPT[t["from"]], "content": t["value"]} for t in turns]
-                   for turns in frame["conversations"].to_list()]
-        conversations = [_with_answer(prompts, [m["value"] for m in frame[c].to_list()]) for c in ("chosen", "rejected")]
-    else:  # critic-rm, cloud: prompt messages and answer texts
-        prompts = frame["prompt"].to_list()
-        conversations = [_with_answer(prompts, frame[c].to_list()) for c in ("chosen", "rejected")]
-    return [list(row) for row in zip(*conversations)]
+def _pair_rows(chosen: list, rejected: list) -> list[list[Messages]]:
+    return [list(row) for row in zip(chosen, rejected)]
+
+
+def _conversations_in_answers(frame: pl.DataFrame) -> list[list[Messages]]:
+    """trl-implicit, openrlhf: `chosen` and `rejected` are whole conversations already."""
+    return _pair_rows(frame["chosen"].to_list(), frame["rejected"].to_list())
+
+
+def _trl_conversations(frame: pl.DataFrame) -> list[list[Messages]]:
+    prompts = frame["prompt"].to_list()
+    chosen, rejected = ([p + a for p, a in zip(prompts, frame[c].to_list())] for c in ("chosen", "rejected"))
+    return _pair_rows(chosen, rejected)
+
+
+def _llama_factory_conversations(frame: pl.DataFrame) -> list[list[Messages]]:
+    prompts = [[{"role": _FROM_SHAREGPT[t["from"]], "content": t["value"]} for t in turns]
+               for turns in frame["conversations"].to_list()]
+    chosen, rejected = (_with_answer(prompts, [m["value"] for m in frame[c].to_list()]) for c in ("chosen", "rejected"))
+    return _pair_rows(chosen, rejected)
+
+
+def _text_pair_conversations(frame: pl.DataFrame) -> list[list[Messages]]:
+    """critic-rm, cloud: prompt messages and answer texts."""
+    prompts = frame["prompt"].to_list()
+    chosen, rejected = (_with_answer(prompts, frame[c].to_list()) for c in ("chosen", "rejected"))
+    return _pair_rows(chosen, rejected)
+
+
+def _critique_sft_conversations(frame: pl.DataFrame) -> list[list[Messages]]:
+    return [[m] for m in frame["messages"].to_list()]
+
+
+# -- side files -----------------------------------------------------------------------------------
+
+
+def split_file_name(split: str) -> str:
+    """A split's data file in an export folder (`export/<format>/` of a run, or `selfalign export --to`)."""
+    return f"{split}.parquet"
+
+
+def _llama_factory_side_files(split_names: tuple[str, ...], hub_repo: str | None) -> dict[str, Any]:
+    info = (llama_factory_dataset_info(hub_repo=hub_repo, split_names=split_names) if hub_repo is not None
+            else llama_factory_dataset_info(splits={split: split_file_name(split) for split in split_names}))
+    return {"dataset_info.json": info}
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainerFormat:
+    """One trainer format, all that selfalign knows of it."""
+
+    needs: frozenset[str]  # columns the final rows must have
+    build: Callable[[pl.DataFrame, FormatOptions], pl.DataFrame]  # final rows -> rows in this format
+    # Per row of the built frame, the conversations its trainer tokenizes: the prompt with each answer for the
+    # pair formats (TRL drops a row when either is longer than max_length, OpenRLHF truncates), the messages
+    # for critique-sft. The export stage's row lengths are measured on them.
+    conversations: Callable[[pl.DataFrame], list[list[Messages]]]
+    usage: str  # how its trainer loads it, for the dataset card and `selfalign export` (REPO: Hub id or folder)
+    # The trainer puts `margin` into its loss (TRL's RewardTrainer whenever the column exists, OpenRLHF's train_rm
+    # with --model.margin_loss_enable), so its `margin` column is the export stage's `margin:` (default none).
+    # The others keep the raw score difference as data: their consumers do not read it.
+    margin_in_loss: bool = False
+    # (split names, Hub repo id or None for a local folder) -> {file name: JSON}: files the trainer reads beside
+    # the data. Written beside the split files in a local folder, at the repo root on the Hub.
+    side_files: Callable[[tuple[str, ...], str | None], dict[str, Any]] | None = None
+
+
+TRAINER_FORMATS: dict[str, TrainerFormat] = {
+    "trl": TrainerFormat(
+        PAIR, to_trl, _trl_conversations, margin_in_loss=True,
+        usage="TRL `RewardTrainer` / `DPOTrainer`: `load_dataset(\"REPO\", \"trl\")` (conversational, explicit "
+              "prompt; a `margin` column, when exported, enters `RewardTrainer`'s loss)"),
+    "trl-implicit": TrainerFormat(
+        PAIR, to_trl_implicit, _conversations_in_answers, margin_in_loss=True,
+        usage="TRL `RewardTrainer` / `DPOTrainer`: `load_dataset(\"REPO\", \"trl-implicit\")` (conversational, "
+              "implicit prompt)"),
+    "openrlhf": TrainerFormat(
+        PAIR, to_openrlhf, _conversations_in_answers, margin_in_loss=True,
+        usage="OpenRLHF `train_rm` / `train_dpo`: `--data.dataset REPO@openrlhf --data.apply_chat_template` "
+              "(`chosen`/`rejected` are whole conversations: no `--data.prompt_key`; rows longer than "
+              "`--data.max_len`, default 512 tokens, are truncated; with a `margin` column add "
+              "`--model.margin_loss_enable` to use it)"),
+    "llama-factory": TrainerFormat(
+        PAIR, to_llama_factory, _llama_factory_conversations, side_files=_llama_factory_side_files,
+        usage="LLaMA-Factory: `dataset_dir: REMOTE:REPO` (or the export folder) and `dataset: selfalign_train`; "
+              "entries in `dataset_info.json` (`formatting: sharegpt`, `ranking: true`)"),
+    "critic-rm": TrainerFormat(
+        PAIR | CRITIQUES, to_critic_rm, _text_pair_conversations,
+        usage="joint critique + reward training (Critic-RM): the pair, surviving critiques and their scores"),
+    "cloud": TrainerFormat(
+        PAIR | CRITIQUES, to_cloud, _text_pair_conversations,
+        usage="critique-out-loud reward models: `chosen_feedback` / `rejected_feedback`"),
+    "critique-sft": TrainerFormat(
+        PAIR | CRITIQUES, to_critique_sft, _critique_sft_conversations,
+        usage="critique-writing SFT (e.g. TRL `SFTTrainer`): `messages` per surviving critique"),
+}
+FORMAT_NAMES = tuple(TRAINER_FORMATS)
+FormatName = Literal[FORMAT_NAMES]
+MARGIN_FORMATS = tuple(name for name, fmt in TRAINER_FORMATS.items() if fmt.margin_in_loss)
+# One field of every format, for the readers that need only that one.
+NEEDS: dict[str, frozenset[str]] = {name: fmt.needs for name, fmt in TRAINER_FORMATS.items()}
+USAGE: dict[str, str] = {name: fmt.usage for name, fmt in TRAINER_FORMATS.items()}
+
+
+def format_frame(name: str, df: pl.DataFrame, critique_prompt: CritiquePrompt | None = None,
+                 margin: MarginMode = "none", score_range: tuple[float, float] | None = None) -> pl.DataFrame:
+    """Rows in format `name`. `margin` (and `score_range` for "scaled") set the `margin` column of the formats in
+    MARGIN_FORMATS; the others carry the raw difference whatever they are given."""
+    _require(df, name)
+    fmt = TRAINER_FORMATS[name]
+    if not fmt.margin_in_loss:
+        margin, score_range = "raw", None
+    return fmt.build(df, FormatOptions(critique_prompt, margin, score_range))
 
 
 def percentiles(values: list[int]) -> dict[str, int | None]:

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from selfalign.errors import DataError
-from selfalign.formats import from_prompts, from_trl, parse_hh_transcript
+from selfalign.input_formats import from_prompts, from_trl, parse_hh_transcript
 from selfalign.stages.load import LoadConfig, run as load
 
 

@@ -10,7 +10,7 @@ import pytest
 from selfalign.backends.fake import FakeBackend
 from selfalign.check import check_pipeline
 from selfalign.config import load_pipeline
-from selfalign.formats import from_hh_rlhf
+from selfalign.input_formats import from_hh_rlhf
 from selfalign.runner import run_pipeline
 from selfalign.stages.mix import MixConfig, MixInput, run as mix
 from selfalign.stages.pair import PairConfig, choose

@@ -26,7 +26,7 @@ from selfalign import plots, report
 from selfalign.cli import build_parser
 from selfalign.config import load_pipeline
 from selfalign.errors import RunError
-from selfalign.formats import RowError, from_hh_rlhf
+from selfalign.input_formats import RowError, from_hh_rlhf
 from selfalign.inspect_run import inspect
 from selfalign.report import write_report
 from selfalign.runner import run_pipeline

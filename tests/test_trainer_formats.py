@@ -19,7 +19,7 @@ from selfalign.prompts import load_template
 from selfalign.stages.critique import CritiqueConfig
 from selfalign.stages.model_calls import CRITIQUE
 from selfalign.stages.export import ExportConfig, critique_prompt_from_stages, margin_setting, row_lengths
-from selfalign.trainer_formats import (FORMATS, MARGIN_FORMATS, NEEDS, critique_reply, format_frame,
+from selfalign.trainer_formats import (MARGIN_FORMATS, NEEDS, TRAINER_FORMATS, critique_reply, format_frame,
                                        llama_factory_dataset_info, percentiles, split_by_prompt)
 from tests.support.fake_pipeline import fake_pipeline_yaml, load_hh_rlhf
 
@@ -180,9 +180,9 @@ def rows_of(name: str, frame: pl.DataFrame | None = None, **kwargs) -> list[dict
 
 
 def test_every_format_is_exportable_and_declares_its_columns():
-    assert set(FORMATS) == set(NEEDS) == set(typing.get_args(typing.get_args(
+    assert set(TRAINER_FORMATS) == set(NEEDS) == set(typing.get_args(typing.get_args(
         ExportConfig.model_fields["formats"].annotation)[0]))
-    for name in FORMATS:
+    for name in TRAINER_FORMATS:
         frame = format_frame(name, pairs())
         assert frame.height >= 3
         for column in NEEDS[name]:  # a needed column missing fails loudly, not silently

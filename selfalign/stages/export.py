@@ -1,6 +1,7 @@
-"""export: write the dataset in trainer formats, split by prompt hash.
+"""export: write the dataset in trainer formats (trainer_formats.py), split by prompt hash.
 
-`<run>/export/<format>/<split>.parquet` for every format (plus `export/llama-factory/dataset_info.json`), and
+`<run>/export/<format>/<split>.parquet` for every format, beside the format's side files
+(`export/llama-factory/dataset_info.json`), and
 `<run>/dataset/` (`DatasetDict.save_to_disk` of the first format) so that `datasets.load_from_disk` opens the
 run's result directly.
 
@@ -22,11 +23,9 @@ from pydantic import Field
 from ..atomic import write_dir, write_json, write_parquet
 from ..errors import ConfigError
 from ..fingerprint import frame_fingerprint
-from ..trainer_formats import (MARGIN_FORMATS, MARGIN_MODES, NEEDS, CritiquePrompt, MarginMode, format_frame,
-                               llama_factory_dataset_info, percentiles, sequences, split_by_prompt)
+from ..trainer_formats import (MARGIN_FORMATS, MARGIN_MODES, TRAINER_FORMATS, CritiquePrompt, FormatName,
+                               MarginMode, format_frame, percentiles, split_by_prompt, split_file_name)
 from .base import StageConfig, StageContext, StageOutput
-
-FormatName = Literal["trl", "trl-implicit", "openrlhf", "llama-factory", "critic-rm", "cloud", "critique-sft"]
 
 
 class ExportConfig(StageConfig):
@@ -40,7 +39,7 @@ class ExportConfig(StageConfig):
                                                     "tokens with its chat template, else in characters")
 
     def needs(self) -> set[str]:
-        return set().union(*(NEEDS[f] for f in self.formats))
+        return set().union(*(TRAINER_FORMATS[f].needs for f in self.formats))
 
 
 def to_dataset_dict(splits: dict[str, pl.DataFrame]):
@@ -86,13 +85,18 @@ def critique_prompt_from_stages(stages: list[Any], template: Callable[[str], Any
     return render
 
 
-def write_format(frames: dict[str, pl.DataFrame], name: str, directory: Path) -> None:
-    """`directory/<split>.parquet` (+ `dataset_info.json` for llama-factory)."""
+def write_format(frames: dict[str, pl.DataFrame], name: str, directory: Path) -> dict[str, Path]:
+    """`directory/<split>.parquet` and the format's side files (llama-factory's `dataset_info.json`); returns
+    {split, or a side file's name without its suffix: path}."""
+    written = {}
     for split, frame in frames.items():
-        write_parquet(frame, directory / f"{split}.parquet")
-    if name == "llama-factory":
-        write_json(llama_factory_dataset_info(splits={split: f"{split}.parquet" for split in frames}),
-                   directory / "dataset_info.json")
+        written[split] = directory / split_file_name(split)
+        write_parquet(frame, written[split])
+    side_files = TRAINER_FORMATS[name].side_files
+    for file_name, content in (side_files(tuple(frames), None) if side_files else {}).items():
+        written[Path(file_name).stem] = directory / file_name
+        write_json(content, written[Path(file_name).stem])
+    return written
 
 
 def score_range(stages: list[Any]) -> tuple[float, float] | None:
@@ -146,7 +150,8 @@ def row_lengths(name: str, frame: pl.DataFrame, tokenizer=None) -> list[int]:
     else:
         size = lambda messages: len(tokenizer.apply_chat_template(  # noqa: E731
             messages, tokenize=True, return_dict=True)["input_ids"])
-    return [max(size(messages) for messages in conversations) for conversations in sequences(name, frame)]
+    return [max(size(messages) for messages in conversations)
+            for conversations in TRAINER_FORMATS[name].conversations(frame)]
 
 
 def length_stats(name: str, frames: dict[str, pl.DataFrame], tokenizer=None, tokenizer_name: str | None = None) \

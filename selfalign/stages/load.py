@@ -18,7 +18,7 @@ import polars as pl
 from pydantic import Field, model_validator
 
 from ..errors import DataError
-from ..formats import COLUMNS, MAPPERS, RowError
+from ..input_formats import INPUT_FORMATS, InputFormatName, RowError
 from .base import StageConfig, StageContext, StageOutput, lists, strings, structs
 
 MESSAGES = pl.List(pl.Struct({"role": pl.Utf8, "content": pl.Utf8}))
@@ -31,7 +31,7 @@ class LoadConfig(StageConfig):
     split: str = "train"
     config: str | None = None
     revision: str | None = None
-    format: Literal["hh-rlhf", "trl", "prompts", "feedback"]
+    format: InputFormatName
     on_bad_row: Literal["error", "drop"] = "error"
     max_chars: int = Field(200_000, ge=1, description="longest text accepted in one field")
     keep_columns: list[str] = Field(default_factory=list, description="source columns to carry along as they "
@@ -44,7 +44,7 @@ class LoadConfig(StageConfig):
         return self
 
     def adds(self) -> set[str]:
-        return {"row_id", "source", *COLUMNS[self.format], *self.keep_columns}
+        return {"row_id", "source", *INPUT_FORMATS[self.format].columns, *self.keep_columns}
 
 
 # One encoder for every row: json.dumps with options builds a new encoder per call. Same output as
@@ -215,8 +215,8 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx: StageContext) -> StageOutput:
         rows, source_name = _read_rows(path), str(path)
     else:
         rows, source_name = _read_hf(config), config.hf
-    mapper = MAPPERS[config.format]
-    kept = KeptRows(["row_id", *COLUMNS[config.format], "source"])
+    mapper, columns = INPUT_FORMATS[config.format]
+    kept = KeptRows(["row_id", *columns, "source"])
     dropped: list[dict[str, Any]] = []
     seen: set[str] = set()
     extras: dict[str, list[Any]] = {name: [] for name in config.keep_columns}  # keep_columns values

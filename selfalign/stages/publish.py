@@ -23,9 +23,8 @@ from pydantic import Field
 
 from ..config_base import Strict
 from ..manifest import RunContents
-from ..trainer_formats import NEEDS, split_by_prompt
+from ..trainer_formats import NEEDS, FormatName, split_by_prompt
 from .base import StageConfig, StageContext, StageOutput
-from .export import FormatName
 
 
 class HubTarget(Strict):

@@ -1,16 +1,17 @@
-"""Map the shapes human preference data arrives in onto the canonical columns.
+"""Input formats: map the shapes human preference data arrives in (the load stage's `format:`) onto the
+canonical columns. (The trainer formats a run writes are in trainer_formats.py.)
 
 Canonical row: `prompt` (list of {role, content} messages, the conversation so far), `chosen` and
 `rejected` (the final assistant turn of each answer, as text). A prompt-only row has just `prompt`.
-Each mapper takes one source row (a dict) and returns the canonical row or raises `RowError`.
+Each mapper takes one source row (a dict) and returns the canonical row or raises `RowError`;
+`INPUT_FORMATS` names each format's mapper and the columns it makes.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable, Literal, NamedTuple
 
-FORMATS = ("hh-rlhf", "trl", "prompts", "feedback")
 ROLES = {"system", "user", "assistant"}
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ")
 
@@ -121,6 +122,15 @@ def from_feedback(row: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "response": response, "feedback": feedback or "", "thumbs": thumbs}
 
 
-MAPPERS = {"hh-rlhf": from_hh_rlhf, "trl": from_trl, "prompts": from_prompts, "feedback": from_feedback}
-COLUMNS = {"hh-rlhf": ("prompt", "chosen", "rejected"), "trl": ("prompt", "chosen", "rejected"),
-           "prompts": ("prompt",), "feedback": ("prompt", "response", "feedback", "thumbs")}
+class InputFormat(NamedTuple):
+    mapper: Callable[[dict[str, Any]], dict[str, Any]]  # a source row -> the canonical row (or RowError)
+    columns: tuple[str, ...]                            # the canonical columns it makes
+
+
+INPUT_FORMATS: dict[str, InputFormat] = {
+    "hh-rlhf": InputFormat(from_hh_rlhf, ("prompt", "chosen", "rejected")),
+    "trl": InputFormat(from_trl, ("prompt", "chosen", "rejected")),
+    "prompts": InputFormat(from_prompts, ("prompt",)),
+    "feedback": InputFormat(from_feedback, ("prompt", "response", "feedback", "thumbs")),
+}
+InputFormatName = Literal[tuple(INPUT_FORMATS)]
