@@ -16,7 +16,7 @@ def cmd_run(args) -> int:
     from .cache import holds_replies
     from .config import load_pipeline
     from .errors import disk_failure
-    from .rundir import DROPPED, stage_path
+    from .rundir import CACHE, DROPPED, stage_path
     from .runner import run_dir_for, run_pipeline
 
     loaded = load_pipeline(args.file, (args.set or []) + executor_overrides(args))
@@ -25,7 +25,7 @@ def cmd_run(args) -> int:
     try:
         manifest = run_pipeline(loaded, output=args.output, limit=args.limit, quiet=args.quiet)
     except Exception as exc:
-        if created is not None and not holds_replies(run_dir / "cache.sqlite"):
+        if created is not None and not holds_replies(run_dir / CACHE):
             # Bad input (a data error, a missing key) found before any model call: leave the disk as it was.
             shutil.rmtree(created, ignore_errors=True)
         failure = disk_failure(exc, str(run_dir))

@@ -51,8 +51,8 @@ StageEntry = TypedDict("StageEntry", {
 
 
 class ModelEntry(TypedDict):
-    identity: dict[str, Any]            # backend kind + endpoint/model path (never a secret)
-    calls: dict[str, int]               # calls.CallStats.as_dict()
+    identity: dict[str, Any]            # `backend` and `model` (+ endpoint/model path); never a secret
+    calls: dict[str, float]             # calls.CallStats.as_dict(): counts, tokens and `seconds`
 
 
 class Attempt(TypedDict):

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 
 import polars as pl
 
+from . import plots
 from .card import CardInputs, render_card, render_histograms
 from .errors import PublishError
 from .manifest import RunContents
@@ -65,7 +66,7 @@ def critique_prompt_for(run: RunContents) -> CritiquePrompt:
 
     if run.loaded is None:
         return default_critique_prompt
-    expected = run.manifest.get("templates") or {}
+    expected = run.manifest["templates"]
 
     def template(value: str):
         loaded = load_template(resolve_path(value, run.loaded.path))
@@ -206,8 +207,7 @@ def local_path_rewriter(run: RunContents) -> Callable[[str], str]:
     if run.pipeline_file:
         known.add(run.pipeline_file)
         roots.add(str(Path(run.pipeline_file).resolve().parent))
-    if run.manifest.get("pipeline_file"):
-        known.add(str(run.manifest["pipeline_file"]))
+    known.add(run.manifest["pipeline_file"])
     for stage in run.stages or []:
         for entry in [stage, *(getattr(stage, "add", None) or [])]:
             path, hf = getattr(entry, "path", None), getattr(entry, "hf", None)
@@ -307,20 +307,18 @@ def _write_text(path: Path, text: str, secrets: list[str], public: Callable[[str
 
 def card_inputs(run: RunContents, splits: dict[str, pl.DataFrame], formatted: dict[str, dict[str, pl.DataFrame]],
                 default_format: str | None, options: CardOptions, repo_id: str | None) -> CardInputs:
-    critique_scores = None
-    for entry in run.manifest.get("rows") or []:
+    # Every critique score of the run's critique stages, as the report's score plot reads them.
+    parts = []
+    for entry in run.manifest["rows"]:
         if entry["kind"] != "critique":
             continue
         try:
             stage = pl.read_parquet(stage_path(run.run_dir, entry["stage"], entry["kind"]))
         except (OSError, pl.exceptions.PolarsError):
             continue
-        parts = [stage.select(pl.col(f"{t}_critiques").alias("c")).explode("c").drop_nulls("c")
-                 .select(target=pl.lit(t), score=pl.col("c").struct.field("score").cast(pl.Float64))
-                 for t in ("chosen", "rejected") if f"{t}_critiques" in stage.columns]
-        if parts:
-            frame = pl.concat(parts)
-            critique_scores = frame if critique_scores is None else pl.concat([critique_scores, frame])
+        if {"chosen_critiques", "rejected_critiques"} & set(stage.columns):
+            parts.append(plots.critique_scores(stage).with_columns(pl.col("score").cast(pl.Float64)))
+    critique_scores = pl.concat(parts) if parts else None
     return CardInputs(
         name=run.name, manifest=run.manifest, frame=run.frame, splits=splits,
         formats={name: {split: part.height for split, part in frames.items()} for name, frames in formatted.items()},

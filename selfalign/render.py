@@ -10,6 +10,7 @@ from .check import check_pipeline
 from .config import load_pipeline
 from .errors import ConfigErrors, RunError
 from .progress import Progress
+from .rundir import CACHE
 from .runner import RunContext, run_dir_for, run_stages
 from .stages import STAGES, model_stage_kinds
 
@@ -27,7 +28,7 @@ def render(file: str, stage: int, row: int, overrides: list[str] = (), output: s
         model_stages = [f"{i} ({s.kind})" for i, s in enumerate(stages) if s.kind in model_stage_kinds()]
         raise RunError(f"stage {stage} ({kind}) sends no model calls; model stages: {', '.join(model_stages)}")
     run_dir = run_dir_for(loaded, output)
-    cache_path = run_dir / "cache.sqlite"
+    cache_path = run_dir / CACHE
     cache = Cache(cache_path) if cache_path.exists() else None
     # Earlier model stages are served from the run's cache only: render never pays for a call.
     ctx = RunContext(loaded, run_dir, cache, Progress(quiet=True), limit=row + 1 if stage == 1 else None, offline=True)

@@ -24,7 +24,8 @@ from . import __version__
 from .atomic import write_json
 from .cache import canonical_json
 from .fingerprint import frame_fingerprint
-from .stages.base import StageConfig, StageOutput
+from .rundir import DROPPED, REUSE, STAGES
+from .stages.base import StageConfig, StageContext, StageOutput
 
 
 @dataclass
@@ -37,7 +38,7 @@ def is_model_stage(stage: StageConfig) -> bool:
     return bool(stage.model_names())
 
 
-def stage_fingerprint(ctx, stage: StageConfig, df: pl.DataFrame) -> str:
+def stage_fingerprint(ctx: StageContext, stage: StageConfig, df: pl.DataFrame) -> str:
     templates = {field: ctx.template(path).sha256 for field, (path, _) in stage.templates().items() if path}
     models = {name: ctx.client(name).identity for name in stage.model_names()}
     parts = {"selfalign": __version__, "config": stage.model_dump(mode="json"), "templates": templates,
@@ -46,7 +47,7 @@ def stage_fingerprint(ctx, stage: StageConfig, df: pl.DataFrame) -> str:
 
 
 def record_path(run_dir: Path, name: str) -> Path:
-    return run_dir / "reuse" / f"{name}.json"
+    return run_dir / REUSE / f"{name}.json"
 
 
 def forget(run_dir: Path, name: str) -> None:
@@ -68,8 +69,8 @@ def read_stored(run_dir: Path, name: str, fingerprint: str) -> StoredStage | Non
     if record.get("fingerprint") != fingerprint or record.get("failed") != 0:
         return None
     try:
-        kept = pl.read_parquet(run_dir / "stages" / f"{name}.parquet")
-        dropped = pl.read_parquet(run_dir / "dropped" / f"{name}.parquet")
+        kept = pl.read_parquet(run_dir / STAGES / f"{name}.parquet")
+        dropped = pl.read_parquet(run_dir / DROPPED / f"{name}.parquet")
     except (OSError, pl.exceptions.PolarsError):
         return None
     return StoredStage(StageOutput(kept, dropped, record["metrics"]), record["requested"])

@@ -7,7 +7,8 @@ outputs/<name>/
   cache.sqlite           every model reply and every attempt (cache.py)
   stages/NN-kind.parquet the rows each stage kept        dropped/NN-kind.parquet  the rows it dropped, with why
   reuse/NN-kind.json     a model stage's fingerprint, so a re-run can read it back (reuse.py)
-  export/<format>/       trainer-format files (export stage)     report/  the HTML report and its PNGs
+  export/<format>/       trainer-format files (export stage)     dataset/  the same rows for load_from_disk
+  report/                the HTML report and its PNGs (selfalign report)
   .lock                  held (flock) by the run writing the directory
 ```
 Readers of a run (report, inspect, publish, evaluate) start at `check_run_dir` / `read_manifest` / `stage_files`
@@ -36,6 +37,7 @@ STAGES = "stages"
 DROPPED = "dropped"
 REUSE = "reuse"
 EXPORT = "export"
+DATASET = "dataset"
 REPORT = "report"
 
 _STAGE_FILE = re.compile(r"^(\d+)-([a-z_]+)\.parquet$")
