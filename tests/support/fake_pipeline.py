@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-# What most tests run after their load stage: two critiques per answer, the consistency check, the export.
+# The stages several tests run after their load: two critiques per answer, the consistency check, the export.
 CRITIQUE_CONSISTENCY_EXPORT = (
     {"kind": "critique", "model": "critic", "samples": 2},
     {"kind": "consistency"},
