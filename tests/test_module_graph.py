@@ -59,3 +59,36 @@ def test_the_graph_counts_imports_inside_functions_and_finds_their_cycle(tmp_pat
 def test_without_the_function_level_import_there_is_no_cycle(tmp_path):
     package = write_package(tmp_path, {**PACKAGE, "pkg/c.py": "def helper():\n    return 1\n"})
     assert cycles(import_graph(package)) == []
+
+
+# The layers of selfalign/, top to bottom (README "How the code is laid out"). A module may import its own layer
+# and the layers below, never one above. A new module gets a row here: where it sits is part of its design.
+LAYERS = [
+    ("command line", ["cli"]),
+    ("runs and their readers", ["runner", "render", "report", "inspect_run", "finished_run"]),
+    ("the pipeline file", ["config", "check", "reuse"]),
+    ("stages and what they publish", ["stages", "stages.*", "publish", "card", "plots"]),
+    ("model calls", ["calls", "cache", "progress", "ray_executor", "trainer_formats", "input_formats", "prompts"]),
+    ("backends", ["backends", "backends.*"]),
+    ("foundations", ["selfalign", "errors", "atomic", "fingerprint", "markup", "metrics", "manifest", "rundir",
+                     "paths", "yaml_source", "config_base"]),
+]
+
+
+def layer_of(module: str) -> int | None:
+    short = module.removeprefix("selfalign.") if module != "selfalign" else "selfalign"
+    for rank, (_, members) in enumerate(LAYERS):
+        for member in members:
+            if short == member or (member.endswith(".*") and short.startswith(member[:-1])):
+                return rank
+    return None
+
+
+def test_every_import_points_down_the_layers():
+    graph = import_graph()
+    unplaced = sorted(module for module in graph if layer_of(module) is None)
+    assert unplaced == [], f"modules with no layer in LAYERS (add each to the layer it belongs to): {unplaced}"
+    upward = [f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for module, targets in sorted(graph.items()) for target in sorted(targets)
+              if layer_of(target) < layer_of(module)]
+    assert upward == [], "imports that point up the layers:\n" + "\n".join(upward)
