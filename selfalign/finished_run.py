@@ -3,7 +3,6 @@ pipeline it ran, loaded again from the YAML copy in the run directory."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import polars as pl
@@ -11,7 +10,7 @@ import polars as pl
 from .config import config_hash, load_pipeline
 from .errors import PublishError
 from .manifest import Manifest, RunContents
-from .rundir import EXPORT, MANIFEST, PIPELINE_COPY, stage_path
+from .rundir import EXPORT, PIPELINE_COPY, check_run_dir, read_manifest, stage_path
 
 
 def _pipeline_source(run_dir: Path, manifest: Manifest) -> tuple[Path | None, str | None]:
@@ -39,17 +38,8 @@ def _exported_test_ids(run_dir: Path, manifest: Manifest) -> set[str] | None:
 def load_run(run_dir: str | Path) -> RunContents:
     """A finished run, to export or push: PublishError with the fix when it is not one."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise PublishError(f"{run_dir} is not a run directory; pass outputs/<pipeline name> of a finished "
-                           "`selfalign run`")
-    try:
-        manifest: Manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PublishError(f"{run_dir} has no manifest.json: the run has not finished; run `selfalign run "
-                           "PIPELINE.yaml` (it resumes from its cache) and publish after it completes") from None
-    except (OSError, ValueError) as exc:
-        raise PublishError(f"{run_dir / MANIFEST} cannot be read ({exc}); re-run the pipeline to "
-                           "rewrite it") from None
+    check_run_dir(run_dir, need_manifest=False)  # a directory that is a run and is not being written
+    manifest = read_manifest(run_dir)
     funnel = manifest["rows"]
     if manifest["status"] != "complete" or not funnel:
         raise PublishError(f"{run_dir}: the run is not complete (status {manifest['status']!r}); re-run "

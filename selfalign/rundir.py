@@ -116,8 +116,8 @@ def remove_leftovers(run_dir: Path) -> None:
 def check_run_dir(run_dir: Path, need_manifest: bool = True) -> None:
     """RunError with the fix when run_dir is not a run directory, is still being written, or did not finish."""
     if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run directory; run a pipeline first (`selfalign run FILE`, which writes "
-                       "outputs/<name>/) or pass the --output DIR it used")
+        raise RunError(f"{run_dir} is not a run directory: no such run directory exists; run a pipeline first "
+                       "(`selfalign run FILE`, which writes outputs/<name>/) or pass the --output DIR it used")
     if not (run_dir / STAGES).is_dir() and not (run_dir / MANIFEST).exists():
         raise RunError(f"{run_dir} is not a selfalign run directory (no stages/ and no manifest.json); pass the "
                        "directory `selfalign run` wrote, e.g. outputs/<pipeline name>")
@@ -133,9 +133,6 @@ def check_run_dir(run_dir: Path, need_manifest: bool = True) -> None:
             fcntl.flock(handle, fcntl.LOCK_UN)
     if not need_manifest:
         return
-    if not (run_dir / MANIFEST).exists():
-        raise RunError(f"{run_dir} has no manifest.json: the run did not finish; re-run the same `selfalign run` "
-                       "command (it resumes from the cache) and report again")
     status = read_manifest(run_dir)["status"]
     if status != "complete":
         raise RunError(f"{run_dir}: the run is not complete (manifest status {status!r}); re-run the same "
@@ -148,8 +145,9 @@ def read_manifest(run_dir: Path) -> Manifest:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise RunError(f"{run_dir} has no manifest.json: the run did not finish; re-run the same `selfalign run` "
-                       "command (it resumes from the cache)") from None
+        raise RunError(f"{run_dir} has no manifest.json: the run has not finished; run `selfalign run` again with "
+                       "the same pipeline and options (a run that did not finish re-runs only what is missing: "
+                       "the rest comes from its cache), then try again") from None
     except (OSError, ValueError) as exc:
         raise RunError(f"{path} cannot be read ({exc}); re-run the same `selfalign run` command to rewrite "
                        "it") from None
