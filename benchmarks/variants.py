@@ -18,7 +18,7 @@ import asyncio
 import aiohttp
 import openai
 
-from selfalign.backends.openai_backend import CHAT_PATH, OpenAIBackend, _http
+from selfalign.backends.openai_backend import CHAT_PATH, OpenAIBackend, httpx as _http
 
 
 class AiohttpOpenAIBackend(OpenAIBackend):

@@ -61,8 +61,8 @@ def test_identity_names_backend_and_model(backend, model_dir):
 
 def test_seed_varies_with_sample_index(backend):
     request = Request(ask("hi"), Sampling(seed=7), sample_index=3)
-    assert backend._params(request).seed == 10
-    assert backend._params(Request(ask("hi"), Sampling(seed=None))).seed is None
+    assert backend.sampling_params(request).seed == 10
+    assert backend.sampling_params(Request(ask("hi"), Sampling(seed=None))).seed is None
 
 
 def test_batch_keeps_order_constrains_json_and_checkpoints(backend):

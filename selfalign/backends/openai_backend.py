@@ -31,9 +31,9 @@ from .base import Completion, OnResult, Request
 from .openai_config import OpenAIModel, endpoint_identity
 
 try:  # the HTTP library the installed openai is built on: httpx2 (openai >= 3) or httpx
-    import httpx2 as _http
+    import httpx2 as httpx
 except ImportError:  # pragma: no cover - older openai releases
-    import httpx as _http  # type: ignore[no-redef]
+    import httpx  # type: ignore[no-redef]
 
 RETRYABLE_STATUS = {408, 409, 425, 429}
 # Statuses about the endpoint, never about one row (a bad key, a key without access, no such model or path): the
@@ -226,15 +226,15 @@ class OpenAIBackend:
         headers = {"Authorization": f"Bearer {self._api_key}"}
         for attempt in range(3):  # a refused connection is retried briefly: a server may be starting
             try:
-                with _http.Client(timeout=timeout, headers=headers) as client:
+                with httpx.Client(timeout=timeout, headers=headers) as client:
                     listed = self._listed_models(client)
                     if listed is None or self.model not in listed:
                         self._probe_chat(client, listed)
                 return
-            except _http.TimeoutException:
+            except httpx.TimeoutException:
                 raise RunError(f"{self.base_url} did not answer within {timeout:g} s: is the server hung or "
                                "overloaded? Check it, or fix the model's base_url") from None
-            except _http.TransportError as exc:
+            except httpx.TransportError as exc:
                 if attempt < 2 and connection_refused(exc):
                     time.sleep(0.5)
                     continue
@@ -274,7 +274,7 @@ class OpenAIBackend:
 
     def _http_client(self):
         """The SDK's aiohttp transport sized to our concurrency (keep-alive); httpx if the extra is missing."""
-        limits = _http.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency,
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency,
                               keepalive_expiry=60.0)
         factory = getattr(openai, "DefaultAioHttpClient", None)
         if factory is not None:
@@ -289,7 +289,7 @@ class OpenAIBackend:
         client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self.timeout_s,
                                     max_retries=0,  # tenacity retries, so that Retry-After and counts are ours
                                     http_client=self._http_client())
-        post, response_type = client.post, _http.Response
+        post, response_type = client.post, httpx.Response
         # Bytes go in `content=` where the SDK has it; older releases take pre-serialised bytes as `body=`.
         field = "content" if "content" in inspect.signature(post).parameters else "body"
 

@@ -61,7 +61,7 @@ class VLLMBackend:
         options.update(engine_options)
         self.llm = LLM(model=model, **options)
 
-    def _params(self, request: Request):
+    def sampling_params(self, request: Request):
         s = request.sampling
         structured = None
         if request.json_schema is not None:
@@ -90,7 +90,7 @@ class VLLMBackend:
         pending = []
         for index, request in enumerate(requests):
             try:
-                pending.append((index, [dict(m) for m in request.messages], self._params(request)))
+                pending.append((index, [dict(m) for m in request.messages], self.sampling_params(request)))
             except Exception as exc:  # bad sampling values or schema: this row fails, the batch goes on
                 done(index, _error(exc))
 
