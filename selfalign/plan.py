@@ -452,9 +452,9 @@ def format_plan(plan: dict[str, Any]) -> str:
                "judge, refine, pair, mix) over replies not in the cache yet, rows and calls are at most those shown; "
                "completion tokens are max_tokens x calls; a prompt quoting a reply not known yet counts it at its "
                "max_tokens. ~ is an estimate.")
-    out.append("Counts assume every call succeeds (a failed call drops its row, so later stages get fewer calls). "
-               + (f"Replies that break the schema are re-asked: up to {total['reasks_at_most']:,} more calls "
-                  "(max_attempts), not in the table." if total["reasks_at_most"] else ""))
+    out.append(("Counts assume every call succeeds (a failed call drops its row, so later stages get fewer calls). "
+                + (f"Replies that break the schema are re-asked: up to {total['reasks_at_most']:,} more calls "
+                   "(max_attempts), not in the table." if total["reasks_at_most"] else "")).rstrip())
     for name, info in plan["models"].items():
         out.append(f"{name}: prompt tokens: {info['tokens_counted_with']}")
         price = info["price"]
