@@ -183,7 +183,7 @@ class CallBudget:
         return Spend(1, prompt, completion_tokens, self._usd(prompt, completion_tokens))
 
     def progress(self) -> str:
-        return "budget " + "; ".join(cap.progress() for cap in self.caps)
+        return "; ".join(f"{cap.where} {cap.progress()}" for cap in self.caps)
 
     def exhausted(self, label: str, unsent: int, asked: int) -> BudgetExhausted:
         cap, field, reservation = self._stopped_by or (self.caps[0], next(iter(self.caps[0].limits)), Spend(1))

@@ -176,3 +176,29 @@ def test_a_bad_cap_given_with_set_names_the_set(tmp_path, capsys):
     assert main(["run", path, "--output", str(tmp_path / "run"), "--set", "budget.max_calls=0"]) == 2
     assert "--set budget.max_calls=0: budget.max_calls: Input should be greater than or equal to 1" in \
         capsys.readouterr().err
+
+
+def test_the_pipeline_cap_counts_every_model_and_a_model_cap_only_its_own(tmp_path, capsys):
+    """critique (model critic) sends 40 calls, then judge (model judge) 2 per kept row: a pipeline max_calls of 43
+    lets the judge send 3; a judge cap of 2 stops it at 2 while the pipeline cap still has room."""
+    path = pipeline(tmp_path, "{backend: fake}", top="budget: {max_calls: 43}\n")
+    text = open(path).read().replace("models:\n", "models:\n  judge: {backend: fake, model: judge}\n")
+    open(path, "w").write(text + "  - {kind: judge, model: judge}\n")
+    run_dir = tmp_path / "run"
+    assert run(path, run_dir) == EXIT_BUDGET
+    line = last_line(capsys)
+    assert "judge (judge)" in line and "budget.max_calls 43 is reached" in line, line
+    assert manifest(run_dir)["error"] in line
+    calls = manifest(run_dir)["models"]
+    assert (calls["critic"]["calls"]["sent"], calls["judge"]["calls"]["sent"]) == (40, 3)
+
+    text = open(path).read().replace("judge: {backend: fake, model: judge}",
+                                     "judge: {backend: fake, model: judge, budget: {max_calls: 2}}")
+    open(path, "w").write(text)
+    assert run(path, run_dir, "--set", "budget.max_calls=100") == EXIT_BUDGET
+    line = last_line(capsys)
+    assert "models.judge.budget.max_calls 2 is reached" in line, line
+    stopped = manifest(run_dir)
+    assert stopped["models"]["judge"]["calls"]["sent"] == 2 and stopped["models"]["critic"]["calls"]["sent"] == 0
+    assert [cap["cap"] for cap in stopped["budget"]] == ["budget", "models.judge.budget"]
+    assert [cap["spent"]["calls"] for cap in stopped["budget"]] == [2, 2]

@@ -215,3 +215,26 @@ def test_a_placeholder_counts_at_its_ceiling():
     backend = PlaceholderBackend({"backend": "fake"}, tokens.counter_for(type("C", (), {"backend": "fake"})()))
     messages = [{"role": "user", "content": f"Rate this answer: {PLACEHOLDER.format(tokens=40)} please"}]
     assert backend.count_prompt(messages) == (4 + 40, True)
+
+
+READY = {"critic_rm": "critic", "feedback_to_reward": "reader", "quickstart": "critic", "rubric_story": "writer",
+         "self_rewarding": "policy", "ultrafeedback": "rater"}
+
+
+@pytest.mark.parametrize("name", sorted(READY))
+def test_every_ready_pipeline_plans_what_it_runs(name, tmp_path):
+    """Every stage kind the ready pipelines use (generate, critique with a rubric, refine, feedback, pair, ...),
+    on the fake backend: the plan holds before the run, and is exact after it."""
+    from selfalign.check import PROJECT_ROOT
+
+    path = PROJECT_ROOT / "pipelines" / f"{name}.yaml"
+    fake = f"models.{READY[name]}={{backend: fake}}"
+    run_dir = tmp_path / "run"
+    plan = plan_pipeline(path, [fake], limit=6, output=run_dir)
+    manifest = run_pipeline(load_pipeline(path, [fake]), output=run_dir, limit=6, quiet=True)
+    assert_plan_matches(plan, manifest)
+    assert plan["total"]["calls"] >= manifest["model_calls"]["requested"] > 0
+    again = plan_pipeline(path, [fake], limit=6, output=run_dir)
+    assert again["total"]["calls_exact"] and again["total"]["to_send"] == 0
+    assert [s["rows_in"] for s in again["stages"]] == [s["in"] for s in manifest["rows"]]
+    assert again["total"]["calls"] == manifest["model_calls"]["requested"]
