@@ -18,6 +18,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from .backends.base import Backend, Completion, Request
+from .budget import CallBudget
 from .cache import Cache, request_keys
 from .errors import RunError, RunStopped
 from .progress import Progress
@@ -95,8 +96,10 @@ class ModelClient:
     """One named model of the pipeline: a lazily started backend behind the shared cache."""
 
     def __init__(self, name: str, make_backend: Callable[[], Backend], identity: dict[str, Any],
-                 cache: Cache | None, stats: CallStats, progress: Progress, offline: bool = False):
+                 cache: Cache | None, stats: CallStats, progress: Progress, offline: bool = False,
+                 budget: CallBudget | None = None):
         self.name = name
+        self.budget = budget  # caps on what this run sends (budget.py); None: no cap, nothing checked
         self.identity = identity
         self._make_backend = make_backend
         self._backend: Backend | None = None
@@ -176,7 +179,8 @@ class ModelClient:
                 misses.append(i)
         self.stats.requested += len(requests)
         self.stats.cached += len(requests) - len(misses)
-        bar = self._progress.bar(label, total=len(requests), done=len(requests) - len(misses))
+        bar = self._progress.bar(label, total=len(requests), done=len(requests) - len(misses),
+                                 note=self.budget.progress if self.budget is not None else None)
         if misses and self._offline:
             raise RunError(f"model {self.name!r}: {len(misses)} call(s) are not in the cache and this command "
                            "sends no model calls; run the pipeline first (selfalign run)")
@@ -194,17 +198,58 @@ class ModelClient:
                 self.stats.completion_tokens += completion.completion_tokens
                 bar.advance(completion)
 
-            self.stats.sent += len(misses)
             try:
-                answered = self.backend.generate([requests[i] for i in misses], on_result=on_result)
-            except RunStopped as exc:  # the endpoint refuses every call; what was answered is cached
-                raise RunStopped(f"model {self.name!r}: {exc}") from None
-            for j, completion in enumerate(answered):
-                if replies[misses[j]] is None:  # a backend that did not report through on_result
-                    on_result(j, completion)
+                if self.budget is None:  # no cap: the whole batch at once, nothing counted
+                    self._send(requests, misses, 0, len(misses), on_result, replies)
+                else:
+                    self._send_within_budget(requests, misses, on_result, label, replies)
+            finally:
+                self.stats.seconds += time.perf_counter() - started
+                bar.close()
+            return [r if r is not None else Completion(None, error="no reply") for r in replies], keys
         bar.close()
         self.stats.seconds += time.perf_counter() - started
         return [r if r is not None else Completion(None, error="no reply") for r in replies], keys
+
+    def _send(self, requests: list[Request], misses: list[int], start: int, end: int,
+              on_result: Callable[[int, Completion], None], replies: list[Completion | None]) -> None:
+        """Send misses[start:end]; `on_result` takes the index into `misses` and fills `replies`."""
+        self.stats.sent += end - start
+
+        def report(j: int, completion: Completion) -> None:
+            on_result(start + j, completion)
+
+        try:
+            answered = self.backend.generate([requests[i] for i in misses[start:end]], on_result=report)
+        except RunStopped as exc:  # the endpoint refuses every call; what was answered is cached
+            raise RunStopped(f"model {self.name!r}: {exc}") from None
+        for j, completion in enumerate(answered):
+            if replies[misses[start + j]] is None:
+                report(j, completion)  # a backend that did not report through on_result
+
+    def _send_within_budget(self, requests: list[Request], misses: list[int],
+                            on_result: Callable[[int, Completion], None], label: str,
+                            replies: list[Completion | None]) -> None:
+        """Send the misses in batches the budget admits (each batch whole, at the backend's concurrency); when
+        not even the next call fits, the calls sent so far are in the cache and the run stops (exit 5)."""
+        budget = self.budget
+        start = 0
+        while start < len(misses):
+            admitted = budget.admit([requests[i] for i in misses[start:]])
+            if admitted == 0:
+                raise budget.exhausted(label, unsent=len(misses) - start,
+                                       asked=len(requests))
+            end = start + admitted
+
+            def settle(j: int, completion: Completion, start: int = start) -> None:
+                budget.settle(j - start, completion)
+                on_result(j, completion)
+
+            try:
+                self._send(requests, misses, start, end, settle, replies)
+            finally:
+                budget.release()
+            start = end
 
 
 def _reask(request: Request, bad_reply: str, error: str) -> Request:

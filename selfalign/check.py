@@ -60,7 +60,25 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
             # The push would refuse a card without it; say so now, before any model call is paid for.
             error("the dataset card needs the data's language: add `language: [en]` (ISO 639 codes) under hub:",
                   "hub")
+    errors.extend(_check_budget_prices(loaded, models))
     return errors
+
+
+def _check_budget_prices(loaded: LoadedPipeline, models: dict) -> list[ConfigError]:
+    """A pipeline-wide max_usd is enforced on every model a stage calls, so each of them needs a price."""
+    budget = loaded.pipeline.budget
+    if budget is None or budget.max_usd is None:
+        return []
+    used = dict.fromkeys(name for stage in loaded.pipeline.stages for name in stage.model_names() if name in models)
+    unpriced = [name for name in used if models[name].price is None]
+    if not unpriced:
+        return []
+    return [ConfigError(f"max_usd needs a price on every model the stages call; {', '.join(map(repr, unpriced))} "
+                        f"has none: add price: {{input_per_mtok: ..., output_per_mtok: ...}} (USD per million tokens; "
+                        "0 for a local model) under models:" + ("" if unpriced[0] in loaded.pipeline.models else
+                        f" (a stage names {unpriced[0]!r} without defining it: define it, e.g. "
+                        f"{unpriced[0]}: {{backend: llamacpp, price: {{input_per_mtok: 0, output_per_mtok: 0}}}})"),
+                        **loaded.place("budget", "max_usd"), field="budget.max_usd")]
 
 
 # What may follow an export: publish pushes the same rows. Any other stage would change rows the export has

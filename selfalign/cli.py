@@ -138,6 +138,14 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import format_plan, plan_pipeline
+
+    plan = plan_pipeline(args.file, args.set or [], limit=args.limit, output=args.output)
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfalign", description="Make preference data with a model judging "
                                      "itself, checked against human labels.")
@@ -159,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray; default: a private Ray "
                      "started on this machine)")
     run.set_defaults(func=cmd_run)
+
+    plan = with_file(sub.add_parser("plan", help="calls, cached calls, tokens, money and time per stage of a run "
+                                                 "(or a resume), without calling a model"))
+    plan.add_argument("--limit", type=positive_int, metavar="N", help="plan for the first N input rows, as run --limit")
+    plan.add_argument("--output", help="run directory whose cache and manifest the plan reads (default: "
+                      "outputs/<pipeline name>)")
+    plan.add_argument("--json", action="store_true", help="the plan as JSON, for scripts")
+    plan.set_defaults(func=cmd_plan)
 
     validate = with_file(sub.add_parser("validate", help="check a pipeline completely without calling a model"))
     validate.set_defaults(func=cmd_validate)

@@ -19,6 +19,7 @@ from .backends import DEFAULT_MODEL_NAME, MODEL_CLASSES, ModelConfig
 from .cache import canonical_json
 from .config_base import Strict
 from .errors import ConfigError, ConfigErrors
+from .model_costs import Budget
 from .stages import STAGES
 from .yaml_source import line_for, load_yaml_with_lines
 
@@ -64,6 +65,10 @@ class Pipeline(Strict):
     max_failed_fraction: float = Field(DEFAULT_MAX_FAILED_FRACTION, ge=0, le=1, exclude=True,
                                        description="stop the run when more than this share of a model stage's "
                                                    "calls failed; a stage's own max_failed_fraction overrides it")
+    # Caps on what one run sends, over every model (each model may have its own too). Left out of dumps: a cap
+    # changes when a run stops, not what it makes, so raising it keeps every stage's fingerprint.
+    budget: Budget | None = Field(None, exclude=True, description="caps on the calls one run sends (USD, calls, "
+                                                                  "tokens); the run stops with exit 5 at a cap")
 
 
 @dataclass
@@ -271,10 +276,18 @@ def _allowed_keys(yaml_path: list, data: dict) -> list[str]:
         return list(cls.model_fields) if cls else []
     if parent == ["executor"]:
         return list(Executor.model_fields)
+    if parent == ["budget"]:
+        return list(Budget.model_fields)
     if parent[0] == "models" and len(parent) == 2:
         model = data["models"][parent[1]]
         cls = MODEL_CLASSES.get(model.get("backend")) if isinstance(model, dict) else None
         return list(cls.model_fields) if cls else []
+    if parent[0] == "models" and len(parent) == 3:  # a key inside a model's price:, budget: or throughput:
+        model = data["models"][parent[1]]
+        cls = MODEL_CLASSES.get(model.get("backend")) if isinstance(model, dict) else None
+        field = cls.model_fields.get(parent[2]) if cls else None
+        return next((list(option.model_fields) for option in getattr(field.annotation, "__args__", ())
+                     if hasattr(option, "model_fields")), []) if field else []
     if parent[0] == "stages" and len(parent) == 3:
         stage = data["stages"][parent[1]]
         cls = STAGES[stage["kind"]].config if isinstance(stage, dict) and stage.get("kind") in STAGES else None

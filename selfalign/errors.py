@@ -107,6 +107,15 @@ class RunStopped(SelfalignError):
     """
 
     exit_code = 4
+    status = "stopped"  # what the manifest and the run's attempt record say
+
+
+class BudgetExhausted(RunStopped):
+    """The next call could pass a budget cap, so the run stopped sending (the calls in flight finished into the
+    cache). Its own exit status (5): raise the cap and run the same command to resume; cached calls are free."""
+
+    exit_code = 5
+    status = "budget"
 
 
 # Exit statuses of `selfalign run`, for scripts (README "Exit status" has the table).
@@ -114,3 +123,4 @@ EXIT_COMPLETE = 0
 EXIT_BAD_INPUT = 2
 EXIT_FINISHED_WITH_FAILED_CALLS = 3
 EXIT_STOPPED = RunStopped.exit_code
+EXIT_BUDGET = BudgetExhausted.exit_code

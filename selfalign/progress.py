@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 class Progress:
@@ -16,8 +16,9 @@ class Progress:
         self.stream = stream or sys.stderr
         self.log_every_s = log_every_s
 
-    def bar(self, label: str, total: int, done: int = 0) -> "Bar":
-        return Bar(self, label, total, done)
+    def bar(self, label: str, total: int, done: int = 0, note: Callable[[], str] | None = None) -> "Bar":
+        """`note`: more to show at the end of the line, asked at each draw (e.g. budget spent vs cap)."""
+        return Bar(self, label, total, done, note)
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -25,8 +26,9 @@ class Progress:
 
 
 class Bar:
-    def __init__(self, progress: Progress, label: str, total: int, cached: int):
-        self.progress, self.label, self.total = progress, label, total
+    def __init__(self, progress: Progress, label: str, total: int, cached: int,
+                 note: Callable[[], str] | None = None):
+        self.progress, self.label, self.total, self.note = progress, label, total, note
         self.cached, self.sent, self.errors, self.tokens = cached, 0, 0, 0
         self.started = self.last_draw = time.monotonic()
         self.live = not progress.quiet and progress.stream.isatty()
@@ -52,7 +54,7 @@ class Bar:
         filled = int(width * done / self.total) if self.total else width
         return (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
                 f"cached {self.cached} sent {self.sent} errors {self.errors} "
-                f"{self.tokens / elapsed:.0f} tok/s ETA {eta}")
+                f"{self.tokens / elapsed:.0f} tok/s ETA {eta}" + (f" {self.note()}" if self.note else ""))
 
     def _draw(self, force: bool = False) -> None:
         if self.progress.quiet:

