@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import consistency, critique, export, feedback, filter, generate, judge, load, mix, pair, publish, refine
+from . import decontaminate, dedupe
 
 STAGES = {
     "load": (load.LoadConfig, load.run),
@@ -14,6 +15,8 @@ STAGES = {
     "pair": (pair.PairConfig, pair.run),
     "feedback": (feedback.FeedbackConfig, feedback.run),
     "filter": (filter.FilterConfig, filter.run),
+    "decontaminate": (decontaminate.DecontaminateConfig, decontaminate.run),
+    "dedupe": (dedupe.DedupeConfig, dedupe.run),
     "mix": (mix.MixConfig, mix.run),
     "export": (export.ExportConfig, export.run),
     "publish": (publish.PublishConfig, publish.run),
