@@ -308,8 +308,7 @@ def _matches(frame: pl.DataFrame, config: DecontaminateConfig, index: Index) -> 
         if match is None and len(tokens) >= config.n:
             overlap = index.ngram_match(tokens)
             if overlap is not None:
-                match = ("benchmark_ngram_overlap", overlap[0], _field_label(config.fields, texts, unit),
-                         round(overlap[1], 4))
+                match = ("benchmark_ngram_overlap", overlap[0], _field_label(config.fields, texts, unit), overlap[1])
         if match is not None and (row not in found or match[0] == "benchmark_exact_match"
                                   or match[3] > found[row][3]):
             found[row] = match
@@ -333,7 +332,7 @@ def run(df: pl.DataFrame, config: DecontaminateConfig, ctx) -> StageOutput:
         benchmark=pl.Series([index.sets[m[1]] for m in matches], dtype=pl.Utf8),
         benchmark_id=pl.Series([index.ids[m[1]] for m in matches], dtype=pl.Utf8),
         benchmark_field=pl.Series([m[2] for m in matches], dtype=pl.Utf8),
-        overlap=pl.Series([m[3] for m in matches], dtype=pl.Float64))
+        overlap=pl.Series([round(m[3], 4) for m in matches], dtype=pl.Float64))
     per_set = {label: {"prompts": count, "exact": 0, "ngram": 0} for label, count in index.counts.items()}
     for reason, prompt, _, _ in matches:
         per_set[index.sets[prompt]]["exact" if reason == "benchmark_exact_match" else "ngram"] += 1
