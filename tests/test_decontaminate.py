@@ -309,3 +309,20 @@ def test_validate_names_file_line_and_fix(write_pipeline, tmp_path, capsys):
         "name: hh-part-a}", "name: x}\n      - {path: other.jsonl, name: x}"), "b.yaml")
     assert main(["validate", str(both)]) == 2
     assert "two evaluation sets are named 'x'; give each a distinct `name:`" in capsys.readouterr().err
+
+
+def test_readme_examples_are_valid_stages():
+    """The YAML examples of the README's decontaminate/dedupe section parse as those stages' configs."""
+    import yaml
+
+    from selfalign.stages import STAGES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Keeping evaluation prompts out, and near-duplicates")[1].split("\n## ")[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    kinds = []
+    for block in blocks:
+        for stage in yaml.safe_load(block):
+            STAGES[stage["kind"]][0].model_validate(stage)
+            kinds.append(stage["kind"])
+    assert kinds == ["decontaminate", "dedupe", "mix"]
