@@ -132,7 +132,17 @@ def run(size: int = 100_000, planted: int = 2_000, log: Callable[[str], None] = 
              "selfalign": stage["seconds"], "baseline_name": "-", "baseline": None, "ratio": None, "target": None,
              "met": None, "note": f"{dropped.height} dropped in {metrics['clusters']} clusters, "
                                   f"{planted_dropped} of {len(truth)} planted"}]
-    return {"status": "ok", "rows": rows, "details": {"libraries": results, "stage": stage, "bands": bands}}
+    import importlib.metadata
+
+    versions = {}
+    for name in ("rensa", "datasketch"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    rows[0]["note"] += "; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+    return {"status": "ok", "rows": rows, "details": {"libraries": results, "stage": stage, "bands": bands,
+                                                      "versions": versions}}
 
 
 if __name__ == "__main__":

@@ -15,11 +15,13 @@ a pair at the threshold is found with probability ~0.99 or more; every candidate
 its exact shingle sets, so no pair below the threshold is merged, and only pairs LSH missed are lost
 (benchmarks/case_dedupe.py measures recall on planted near-duplicates).
 
-The library: rensa (MinHash and LSH in Rust, no dependencies), not datasketch. Both are maintained and
-MIT-licensed; on the same signatures and bands they find the same planted near-duplicates (recall and
-precision within noise of each other, benchmarks/results/2026-12-02-dedupe.md), but rensa builds the
-signatures of 100k prompts several times faster than datasketch's numpy MinHash.bulk and its LSH index
-is native code, and it brings no numpy/scipy pins (datasketch requires scipy).
+The library: rensa (MinHash and LSH in Rust, MIT, no dependencies), not datasketch (MIT, numpy + scipy).
+Both are maintained; measured on 100k prompts with 2,000 planted near-duplicates, the same shingles, 128
+permutations and 32 bands (benchmarks/case_dedupe.py, results/2026-12-02-dedupe.md): both found every planted
+pair (recall 1.0) with the same share of true pairs among the candidates (0.77% vs 0.79%: the bands are set for
+recall, the exact check does the rest), and rensa built the signatures and the index and queried every prompt
+in 3.6 s of CPU against datasketch's 39.7 s (MinHash.bulk hashes each shingle with SHA-1 from Python; its LSH
+index is Python dicts).
 
 The same options are `near_duplicates:` of the mix stage, applied after its exact dedupe.
 """
