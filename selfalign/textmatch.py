@@ -5,9 +5,9 @@ Normalisation: NFKC, Unicode case folding, and every run of characters that are 
 "Hello,   WORLD!" and "hello world" normalise to the same words. Pure-ASCII text (most of it) takes a
 byte-table fast path that gives the same result.
 
-Hashing works on a whole batch of texts in numpy: each word gets a 64-bit hash, and every n-gram (and
-every whole text) the hash of a polynomial over its word hashes, taken from one prefix sum, the same for
-the same words wherever they stand. Different words can (very rarely) share a hash, so callers confirm
+Hashing works on a whole batch of texts at once: polars splits and hashes the words (64 bits each), and
+numpy gives every n-gram (and every whole text) the hash of a polynomial over its word hashes, taken from
+one prefix sum, the same for the same words wherever they stand. Different words can (very rarely) share a hash, so callers confirm
 every hit on the words themselves.
 
 Texts are grouped in two levels: a *segment* is one string (one chat message, one answer); a *unit* is
@@ -45,7 +45,7 @@ def normalise(text: str) -> bytes:
     ASCII bytes go through a byte table (letters lower-cased, other non-alphanumerics to spaces); only words
     that still hold other characters take the Unicode path, word by word: NFKC, case folding, and each run of
     non-letters/digits to a space. Word by word gives what the whole text would, because ASCII spaces and
-    punctuation separate words under both (tests/test_textmatch.py compares the two on real data)."""
+    punctuation separate words under both (tests/test_decontaminate.py compares the two on real data)."""
     data = text.encode("utf-8").translate(_ASCII_TABLE)
     if text.isascii():
         return data
