@@ -56,6 +56,10 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
         columns |= stage.adds()
         if stage.kind == "export":
             _check_export_order(pipeline.stages, index, error)
+        if stage.kind == "decontaminate":  # the local evaluation sets, read as the stage will read them
+            for where, message in stage.local_set_problems(lambda value: resolve_path(value, loaded.path)):
+                errors.append(ConfigError(message, **loaded.place("stages", index, *where), stage=index,
+                                          kind=stage.kind, field=".".join(map(str, where))))
         if stage.kind == "publish" and not stage.hub.language:
             # The push would refuse a card without it; say so now, before any model call is paid for.
             error("the dataset card needs the data's language: add `language: [en]` (ISO 639 codes) under hub:",

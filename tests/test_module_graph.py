@@ -72,7 +72,7 @@ LAYERS = [
                      "budget", "tokens"]),
     ("backends", ["backends", "backends.*"]),
     ("foundations", ["selfalign", "errors", "atomic", "fingerprint", "markup", "metrics", "manifest", "rundir",
-                     "paths", "yaml_source", "config_base", "model_costs"]),
+                     "paths", "yaml_source", "config_base", "model_costs", "textmatch"]),
 ]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from . import consistency, critique, export, feedback, filter, generate, judge, load, mix, pair, publish, refine
+from . import decontaminate, dedupe
 from .base import StageConfig
 
 
@@ -35,6 +36,8 @@ STAGES: dict[str, Stage] = {
     "pair": Stage(pair.PairConfig, pair.run),
     "feedback": Stage(feedback.FeedbackConfig, feedback.run, feedback.build_requests),
     "filter": Stage(filter.FilterConfig, filter.run),
+    "decontaminate": Stage(decontaminate.DecontaminateConfig, decontaminate.run),
+    "dedupe": Stage(dedupe.DedupeConfig, dedupe.run),
     "mix": Stage(mix.MixConfig, mix.run),
     "export": Stage(export.ExportConfig, export.run),
     "publish": Stage(publish.PublishConfig, publish.run),

@@ -201,7 +201,9 @@ def _read_hf(config: LoadConfig) -> Iterator[tuple[int, dict[str, Any]]]:
     yield from enumerate(dataset, start=1)
 
 
-def run(df: pl.DataFrame, config: LoadConfig, ctx: StageContext) -> StageOutput:
+def read_source(config: LoadConfig, ctx: StageContext) -> tuple[Iterator[tuple[int, dict[str, Any]]], str]:
+    """(the source's rows numbered from 1, its name for messages): the local file of `path:` or the `datasets`
+    id of `hf:`. Also used by stages that read other data sets (decontaminate's evaluation sets)."""
     if config.path is not None:
         path = ctx.resolve(config.path)
         if path.is_dir():
@@ -212,9 +214,12 @@ def run(df: pl.DataFrame, config: LoadConfig, ctx: StageContext) -> StageOutput:
             broken = " (a symbolic link to a missing file, or a loop of links)" if path.is_symlink() else ""
             raise DataError(f"file not found{broken}; fix `path:` (relative paths are read from the current "
                             "directory or the pipeline file's directory)", file=config.path)
-        rows, source_name = _read_rows(path), str(path)
-    else:
-        rows, source_name = _read_hf(config), config.hf
+        return _read_rows(path), str(path)
+    return _read_hf(config), config.hf
+
+
+def run(df: pl.DataFrame, config: LoadConfig, ctx: StageContext) -> StageOutput:
+    rows, source_name = read_source(config, ctx)
     mapper, columns = INPUT_FORMATS[config.format]
     kept = KeptRows(["row_id", *columns, "source"])
     dropped: list[dict[str, Any]] = []

@@ -2,7 +2,9 @@
 
 The rows so far (each with a `source`) are joined by any extra data sets listed under `add:`; duplicates
 across sources (same normalised prompt and answers) are dropped, the first copy kept; then each source is
-sampled down to its `ratios` share (or `counts`). Every row left out is in `dropped/` with its reason.
+sampled down to its `ratios` share (or `counts`). With `near_duplicates:` (the dedupe stage's options),
+near-duplicate prompts go too, after the exact dedupe (human kept before synthetic by default). Every row
+left out is in `dropped/` with its reason.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import Field, model_validator
 
 from ..config_base import Strict
 from .base import StageConfig, StageContext, StageOutput
+from .dedupe import NearDuplicates, near_duplicates
 from .load import LoadConfig, run as load
 
 Source = Literal["human", "synthetic"]
@@ -35,6 +38,8 @@ class MixConfig(StageConfig):
     ratios: dict[Source, float] | None = Field(None, description="share of each source to keep, 0..1")
     counts: dict[Source, int] | None = Field(None, description="rows to keep per source (at most what exists)")
     seed: int = 0
+    near_duplicates: NearDuplicates | None = Field(None, description="also drop near-duplicate prompts (MinHash "
+                                                   "LSH, as the dedupe stage) after the exact dedupe, e.g. {}")
 
     @model_validator(mode="after")
     def _one_rule(self):
@@ -46,7 +51,8 @@ class MixConfig(StageConfig):
         return self
 
     def needs(self) -> set[str]:
-        return {"prompt", "chosen", "rejected", "source"}
+        return {"prompt", "chosen", "rejected", "source",
+                *(self.near_duplicates.columns() if self.near_duplicates else ())}
 
 
 def normalised_key(prompt, chosen: str, rejected: str) -> str:
@@ -72,7 +78,11 @@ def run(df: pl.DataFrame, config: MixConfig, ctx: StageContext) -> StageOutput:
     combined = combined.with_columns(_key=pl.Series(keys, dtype=pl.Utf8))
     is_first = combined.with_row_index("_i").select(pl.col("_i") == pl.col("_i").min().over("_key")).to_series()
     dropped = [combined.filter(~is_first).with_columns(drop_reason=pl.lit("duplicate_across_sources"))]
-    unique = combined.filter(is_first).with_columns(
+    unique, near = combined.filter(is_first), {}
+    if config.near_duplicates is not None:
+        unique, near_dropped, near = near_duplicates(unique, config.near_duplicates)
+        dropped.append(near_dropped)
+    unique = unique.with_columns(
         _rank=pl.col("row_id").map_elements(lambda r: _rank(r, config.seed), return_dtype=pl.Utf8))
     kept = []
     for source in ("human", "synthetic"):
@@ -88,4 +98,4 @@ def run(df: pl.DataFrame, config: MixConfig, ctx: StageContext) -> StageOutput:
     result = pl.concat(kept, how="diagonal_relaxed").sort("_rank").drop("_key", "_rank")
     counts = dict(result.group_by("source").len().rows())
     return StageOutput(result, pl.concat(dropped, how="diagonal_relaxed").drop("_key", "_rank", strict=False),
-                       metrics={"sources": counts})
+                       metrics={"sources": counts, **({"near_duplicates": near} if near else {})})
