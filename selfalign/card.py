@@ -20,7 +20,7 @@ from typing import Any
 
 import polars as pl
 
-from . import __version__
+from . import __version__, calibration
 from .trainer_formats import LENGTHS_NOTE, MARGIN_FORMATS, MARGIN_NOTE, USAGE, length_rows
 
 TAGS = ["selfalign", "preference"]  # true of every push; tags() adds the ones the pushed data supports
@@ -363,6 +363,13 @@ def _agreement_section(inputs: CardInputs) -> str:
         _table(["stage", "kind", "before filtering", "after filtering"], rows)])
 
 
+def _calibration_section(inputs: CardInputs) -> str:
+    rows = calibration.table_rows(inputs.manifest)
+    if not rows:
+        return ""
+    return "\n\n".join(["## Judge calibration", calibration.READING, _table(calibration.HEADERS, rows)])
+
+
 def _scores_section(inputs: CardInputs, images: dict[str, str]) -> str:
     frame = inputs.frame
     parts = ["## Scores"]
@@ -456,7 +463,8 @@ def card_body(inputs: CardInputs, images: dict[str, str]) -> str:
     intro += "."
     sections = [intro, _data_source_section(inputs), _formats_section(inputs), _made_section(inputs),
                 _funnel_section(inputs),
-                _sources_section(inputs), _agreement_section(inputs), _scores_section(inputs, images),
+                _sources_section(inputs), _calibration_section(inputs), _agreement_section(inputs),
+                _scores_section(inputs, images),
                 _lengths_section(inputs), _examples_section(inputs)]
     return "\n\n".join(s for s in sections if s) + "\n"
 

@@ -396,7 +396,8 @@ EXPLAIN = {
 
 NAV = {"summary": "Run", "funnel": "Funnel", "scores": "Scores", "agreement": "Agreement",
        "position_consistency": "Position consistency", "length_bias": "Length bias", "category": "Categories",
-       "cost": "Tokens & time", "lengths": "Lengths", "samples": "Samples"}
+       "cost": "Tokens & time", "lengths": "Lengths", "samples": "Samples",
+       "calibration": "Calibration"}
 
 
 def _data_uri(path: Path) -> str:
@@ -404,8 +405,14 @@ def _data_uri(path: Path) -> str:
 
 
 def build_html(run: RunData, rendered: list[Plot]) -> str:
+    from . import calibration
+
     name = run.manifest.get("name") or run.run_dir.name
     sections = [("summary", "Run", _summary_html(run))]
+    calibrated = calibration.table_rows(run.manifest)
+    if calibrated:  # the stages' `calibrate:` numbers, first: they were measured before anything else was paid for
+        sections.append(("calibration", "Judge calibration against human labels",
+                         f"<p>{esc(calibration.READING)}</p>" + _table(calibration.HEADERS, calibrated)))
     for plot in rendered:
         body = f"<p>{EXPLAIN.get(plot.name, '')}</p>"
         if plot.path is not None:

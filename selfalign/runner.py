@@ -21,7 +21,7 @@ from typing import Any
 
 import polars as pl
 
-from . import __version__, reuse
+from . import __version__, calibrate, reuse
 from .atomic import write_json, write_parquet, write_text
 from .backends import backend_for
 from .backends.base import Backend
@@ -29,7 +29,7 @@ from .cache import Cache, canonical_json
 from .calls import CallStats, ModelClient
 from .check import check_pipeline, effective_models, resolve_path
 from .config import LoadedPipeline
-from .errors import DISK_REASONS, ConfigErrors, RunError, RunStopped
+from .errors import DISK_REASONS, CalibrationFailed, ConfigErrors, RunError, RunStopped
 from .metrics import agreement_with_human, dataset_summary
 from .progress import Progress
 from .prompts import PromptTemplate, load_template
@@ -183,7 +183,11 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
             _count_reused_calls(ctx, stored.requested)
             output = stored.output
         else:
+            # `calibrate:` first judges human-labelled pairs (cached calls the stage then reuses); may stop the run.
+            calibration = calibrate.before_stage(ctx, index, stage, df)
             output = STAGES[stage.kind][1](df, stage, ctx)
+            if calibration is not None:
+                output.metrics = {**output.metrics, "calibration": calibration}
         calls = {key: value - calls_before[key] for key, value in _call_totals(ctx).items()}
         dropped = output.dropped
         if dropped is None:  # same columns as the rows, so every dropped/ file can be read the same way
@@ -289,11 +293,13 @@ def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit
             df, funnel = run_stages(ctx)
             status = "complete"
         except RunStopped as stop:
-            status = "stopped"
+            status = "calibration_failed" if isinstance(stop, CalibrationFailed) else "stopped"
             cache.end_attempt(status)  # before the manifest, which lists the attempts
             # Replaces any manifest of an earlier attempt, so a stopped run never reads as a finished one.
-            write_json(build_manifest(ctx, started, pl.DataFrame(), ctx.funnel, status, limit, error=str(stop)),
-                       run_dir / "manifest.json")
+            manifest = build_manifest(ctx, started, pl.DataFrame(), ctx.funnel, status, limit, error=str(stop))
+            if isinstance(stop, CalibrationFailed):  # the numbers that stopped it: no finished stage holds them
+                manifest["calibration"] = stop.calibration
+            write_json(manifest, run_dir / "manifest.json")
             raise
         except KeyboardInterrupt:
             status = "interrupted"

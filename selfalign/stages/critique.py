@@ -17,6 +17,7 @@ import pyarrow as pa
 from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..backends.base import Request, Sampling
+from ..calibration import CalibrateConfig
 from ..calls import json_parser
 from ..models import DEFAULT_MODEL_NAME, Strict
 from .base import ModelStageConfig, StageOutput, lists, strings, structs
@@ -52,6 +53,8 @@ class CritiqueConfig(ModelStageConfig):
     sampling: SamplingConfig = SamplingConfig()
     max_attempts: int = Field(3, ge=1, le=10, description="re-asks of an invalid reply, with the error quoted")
     max_critique_chars: int = Field(600, ge=20)
+    calibrate: CalibrateConfig | None = Field(None, description="first score a held-out slice of human-labelled "
+                                              "pairs and report agreement; with min_agreement, stop when it is low")
 
     @model_validator(mode="after")
     def _check(self):
