@@ -129,7 +129,7 @@ def before_stage(ctx, index: int, stage, df: pl.DataFrame) -> dict[str, Any] | N
                "model_calls": {key: after[key] - before[key] for key in after},
                "file": f"calibration/{name}.parquet"}
     summary["passed"] = passed(summary, config.min_agreement)
-    ctx.progress.log(f"stage {index} ({stage.kind}): calibration: {describe(summary)}")
+    ctx.progress.log(f"stage {index} ({stage.kind}): calibration on {summary['pairs']} pairs: {describe(summary)}")
     if not summary["passed"]:
         from_input = config.path is None and config.hf is None
         remaining = (f"the calls for its other {df.height - pairs.height} rows" if from_input

@@ -176,35 +176,43 @@ def passed(summary: dict[str, Any], min_agreement: float | None) -> bool:
     return summary["agreement"] is not None and summary["agreement"] >= min_agreement
 
 
-def describe(summary: dict[str, Any]) -> str:
-    """One line of the numbers, for the log and the error message."""
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
-    parts = [f"agreement {number(summary['agreement'])}"]
-    if summary["agreement_ci95"]:
-        low, high = summary["agreement_ci95"]
-        parts[0] += f" (95% CI {low:.2f}-{high:.2f})"
-    parts.append(f"kappa {number(summary['kappa'])}")
+
+def describe(summary: dict[str, Any], agreement: bool = True) -> str:
+    """The numbers in one line (for the log; the error message puts agreement first itself)."""
+    parts = []
+    if agreement:
+        parts.append(f"agreement {_number(summary['agreement'])}{_interval(summary)}")
+    parts.append(f"kappa {_number(summary['kappa'])}")
     if summary["tie_rate"] is not None:
-        parts.append(f"tie rate {number(summary['tie_rate'])}")
+        parts.append(f"tie rate {_number(summary['tie_rate'])}")
     if summary["flip_rate"] is not None:
-        parts.append(f"flip rate {number(summary['flip_rate'])}")
+        parts.append(f"flip rate {_number(summary['flip_rate'])}")
     bias = summary["length_bias"]
-    parts.append(f"prefers the longer answer {number(bias['stage_prefers_longer'])} (humans "
-                 f"{number(bias['human_prefers_longer'])})")
-    line = f"{summary['pairs']} pairs: " + ", ".join(parts)
+    parts.append(f"prefers the longer answer {_number(bias['stage_prefers_longer'])} (humans "
+                 f"{_number(bias['human_prefers_longer'])})")
+    line = ", ".join(parts)
     if summary["failed"]:
-        line += f"; {summary['failed']} pairs not judged (failed calls)"
+        line += f"; {summary['failed']} pairs not judged (their calls failed)"
     return line
+
+
+def _interval(summary: dict[str, Any]) -> str:
+    if not summary["agreement_ci95"]:
+        return ""
+    low, high = summary["agreement_ci95"]
+    return f" (95% CI {low:.2f}-{high:.2f})"
 
 
 def failure_message(index: int, stage, summary: dict[str, Any], remaining: str, file: str) -> str:
     """Why the run stopped, with the numbers, what was not sent and what to do."""
     config = stage.calibrate
     agreement = summary["agreement"]
-    what = (f"agreement {agreement:.2f} is below min_agreement {config.min_agreement:g}" if agreement is not None
-            else f"no calibration pair was judged (min_agreement {config.min_agreement:g})")
+    what = (f"agreement {agreement:.2f}{_interval(summary)} is below min_agreement {config.min_agreement:g}"
+            if agreement is not None else f"no pair was judged, so agreement is unknown (min_agreement "
+                                          f"{config.min_agreement:g})")
     hints = []
     if summary["flip_rate"] is not None and summary["flip_rate"] >= 0.2:
         hints.append(f"the verdict flips with the order of the answers in {summary['flip_rate']:.0%} of pairs "
@@ -212,18 +220,13 @@ def failure_message(index: int, stage, summary: dict[str, Any], remaining: str, 
     if summary["tie_rate"] is not None and summary["tie_rate"] >= 0.2:
         hints.append(f"{summary['tie_rate']:.0%} of pairs are tied (more `samples:` or a wider `score_range:` "
                      "separate them)")
-    bias = summary["length_bias"]
-    if None not in (bias["stage_prefers_longer"], bias["human_prefers_longer"]) \
-            and abs(bias["stage_prefers_longer"] - bias["human_prefers_longer"]) >= 0.2:
-        hints.append("it prefers the longer answer far more or less often than people do (length bias)")
-    prompt = getattr(stage, "prompt", None)
-    return (f"stage {index} ({stage.kind}): calibration on {summary['pairs']} human-labelled pairs ({config.source()}): "
-            f"{what}. {describe(summary)}. The run stopped before the stage sent {remaining}; the calibration's "
-            f"calls are cached, and the verdict for each pair is in {file}."
+    return (f"stage {index} ({stage.kind}): calibration on {summary['pairs']} human-labelled pairs "
+            f"({config.source()}): {what}; {describe(summary, agreement=False)}. The run stopped before the stage "
+            f"sent {remaining}; the calibration's calls are cached, and each pair's verdict is in {file}."
             + (f" Notably: {'; '.join(hints)}." if hints else "")
-            + f" Fix: use a stronger model for `model: {stage.model}`, improve the prompt ({prompt}), or lower "
-              "`calibrate.min_agreement` if this agreement is good enough for your data; then run the same command "
-              "again (the calibration replies come from the cache)")
+            + f" Fix: use a stronger model for `model: {stage.model}`, improve the prompt "
+              f"({getattr(stage, 'prompt', None)}), or lower `calibrate.min_agreement` if this agreement is good "
+              "enough for your data; then run the same command again (the calibration replies come from the cache)")
 
 
 # -- for the report and the card --------------------------------------------------------------------------------
