@@ -82,12 +82,21 @@ def _frame(pairs: pl.DataFrame, verdicts: list[dict[str, Any]]) -> pl.DataFrame:
     return pl.concat([pairs.select(PAIR_COLUMNS), columns], how="horizontal")
 
 
-def _labelled_rows(ctx, index: int, stage, df: pl.DataFrame) -> pl.DataFrame:
-    """The calibration pairs: a seeded sample of `rows` human-labelled rows of the input or the named dataset."""
+def read_dataset(config, resolve: Callable[[str], Path]):
+    """The `path:`/`hf:` calibration dataset, read whole by the load stage (a StageOutput: kept and dropped rows)."""
+    reader = load.LoadConfig(kind="load", path=config.path, hf=config.hf, split=config.split, format=config.format,
+                             on_bad_row=config.on_bad_row)
+    return load.run(pl.DataFrame(), reader, _ReadAll(resolve))
+
+
+def _labelled_rows(ctx, index: int, stage, df: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """The calibration pairs: a seeded sample of `rows` human-labelled rows of the input or the named dataset;
+    and how many rows of the dataset could not be read (left out with on_bad_row: drop)."""
     config = stage.calibrate
+    unreadable = 0
     if config.path is not None or config.hf is not None:
-        reader = load.LoadConfig(kind="load", path=config.path, hf=config.hf, split=config.split, format=config.format)
-        source = load.run(pl.DataFrame(), reader, _ReadAll(ctx.resolve)).kept
+        dataset = read_dataset(config, ctx.resolve)
+        source, unreadable = dataset.kept, dataset.dropped.height
         where = config.source()
     else:
         # Only a person's label calibrates: rows a model labelled (a pair or mix stage's) do not count.
@@ -100,7 +109,7 @@ def _labelled_rows(ctx, index: int, stage, df: pl.DataFrame) -> pl.DataFrame:
                           "calibrate.rows, or calibrate on a labelled dataset (calibrate: {path: FILE, format: "
                           "hh-rlhf})", **place, stage=index, kind=stage.kind, field="calibrate.rows")
     picked = sorted(random.Random(ctx.loaded.pipeline.seed).sample(range(source.height), wanted))
-    return source[picked]
+    return source[picked], unreadable
 
 
 def _calls(ctx, model: str) -> dict[str, int]:
@@ -114,7 +123,7 @@ def before_stage(ctx, index: int, stage, df: pl.DataFrame) -> dict[str, Any] | N
     config = getattr(stage, "calibrate", None)
     if config is None or ctx.offline:
         return None
-    pairs = _labelled_rows(ctx, index, stage, df)
+    pairs, unreadable = _labelled_rows(ctx, index, stage, df)
     ctx.progress.log(f"stage {index} ({stage.kind}): calibrating on {pairs.height} human-labelled pairs "
                      f"({config.source()})")
     calibrate_pairs, pairwise = CALIBRATORS[stage.kind]
@@ -125,7 +134,7 @@ def before_stage(ctx, index: int, stage, df: pl.DataFrame) -> dict[str, Any] | N
     write_parquet(judged, ctx.run_dir / "calibration" / f"{name}.parquet")
     summary = {"stage": index, "kind": stage.kind, "source": config.source(),
                **summarize(judged, pairwise, ctx.loaded.pipeline.seed),
-               "min_agreement": config.min_agreement, "passed": None,
+               "unreadable_rows": unreadable, "min_agreement": config.min_agreement, "passed": None,
                "model_calls": {key: after[key] - before[key] for key in after},
                "file": f"calibration/{name}.parquet"}
     summary["passed"] = passed(summary, config.min_agreement)
@@ -159,9 +168,15 @@ def check(loaded, index: int, stage, columns: set[str], resolve: Callable[[str],
             error(f"file {config.path!r} not found (looked in the current directory and beside the pipeline); fix "
                   "the path", "path")
             return errors
-        counted = _count_rows(path, config.rows)
-        if config.rows is not None and counted is not None and counted < config.rows:
-            error(f"asks for {config.rows} pairs, but {config.path} has only {counted} rows; lower rows", "rows")
+        # Read now as the run will (a calibration set is small), so a bad row fails here and not mid-run.
+        try:
+            counted = read_dataset(config, resolve).kept.height
+        except DataError as exc:
+            error(f"{exc}; fix the data, or leave such rows out with on_bad_row: drop", "path")
+            return errors
+        if config.rows is not None and counted < config.rows:
+            error(f"asks for {config.rows} pairs, but {config.path} has only {counted} readable pairs; lower rows",
+                  "rows")
         return errors
     if config.hf is not None:
         return errors  # read when the stage runs (a Hub dataset is not downloaded to validate)

@@ -54,6 +54,8 @@ class CalibrateConfig(Strict):
     split: str = Field("train", description="the split of the `hf:` dataset")
     format: Literal["hh-rlhf", "trl"] | None = Field(None, description="the `path:`/`hf:` dataset's format, as "
                                                      "for the load stage")
+    on_bad_row: Literal["error", "drop"] = Field("error", description="a `path:`/`hf:` row that cannot be read: "
+                                                 "stop (error) or leave it out of the calibration (drop), counted")
     min_agreement: float | None = Field(None, ge=0, le=1, description="stop the run (exit 6) before the stage "
                                         "sends its other calls when agreement with the human labels is below this")
 
@@ -68,9 +70,10 @@ class CalibrateConfig(Strict):
             if self.rows is None:
                 raise ValueError("say how many input rows to calibrate on (e.g. `rows: 50`), or name a labelled "
                                  "dataset with `path:` or `hf:` and `format:`")
-            if self.format is not None:
-                raise ValueError("`format:` applies only to a `path:`/`hf:` dataset; the input rows are already "
-                                 "read; remove it")
+            extra = sorted({"format", "on_bad_row"} & self.model_fields_set)
+            if extra:
+                raise ValueError(f"{', '.join(extra)} applies only to a `path:`/`hf:` dataset; the input rows are "
+                                 "already read; remove it")
         if "split" in self.model_fields_set and self.hf is None:
             raise ValueError("`split:` applies only to an `hf:` dataset; remove it")
         return self

@@ -304,7 +304,7 @@ def validate_errors(path: str) -> str:
      r"stage 1 \(judge\): calibrate.path: file 'missing.jsonl' not found"),
     ("  - {{kind: load, path: {data}, format: trl}}\n  - kind: judge\n    model: critic\n"
      "    calibrate: {{path: {data}, format: trl, rows: 20}}",
-     r"calibrate.rows: asks for 20 pairs, but .*pairs.jsonl has only 12 rows"),
+     r"calibrate.rows: asks for 20 pairs, but .*pairs.jsonl has only 12 readable pairs"),
     ("  - {{kind: load, path: {data}, format: trl}}\n  - kind: judge\n    model: critic\n"
      "    calibrate: {{path: {data}}}",
      r"calibrate: Value error, `format:` is needed with `path:`/`hf:`"),
@@ -316,6 +316,20 @@ def test_validate_checks_the_calibrate_option(tmp_path, stages, expected):
     path = write(tmp_path, stages)
     assert re.search(expected, validate_errors(path)), validate_errors(path)
     assert main(["validate", path]) == 2
+
+
+def test_a_bad_row_in_a_named_dataset_fails_validate_or_is_left_out_and_counted(tmp_path):
+    good = planted_pairs(tmp_path / "labelled.jsonl", 6)
+    good.write_text(good.read_text() + json.dumps({"prompt": "Question 99?", "chosen": None, "rejected": "x"}) + "\n")
+    stages = ("  - {{kind: load, path: {data}, format: trl}}\n  - kind: judge\n    model: critic\n"
+              f"    calibrate: {{{{path: {good}, format: trl{{bad}}}}}}")
+    path = write(tmp_path, stages.replace("{bad}", ""))
+    assert re.search(r"calibrate.path: .*labelled.jsonl, row 7, column 'chosen': is null.*on_bad_row: drop",
+                     validate_errors(path)), validate_errors(path)
+    path = write(tmp_path, stages.replace("{bad}", ", on_bad_row: drop"))
+    assert validate_errors(path) == ""
+    summary = run_pipeline(load_pipeline(path), output=tmp_path / "run", quiet=True)["rows"][1]["metrics"]["calibration"]
+    assert (summary["pairs"], summary["unreadable_rows"]) == (6, 1)
 
 
 def test_validate_accepts_good_calibrate_options(tmp_path):
@@ -398,25 +412,26 @@ stages:
     samples: 1
     max_critique_chars: 200
     sampling: {{temperature: 0, max_tokens: 120, seed: 0}}
-    calibrate: {{rows: 3, min_agreement: 0}}
+    calibrate: {{rows: 2, min_agreement: 0}}
   - kind: judge
     model: critic
     sampling: {{temperature: 0, max_tokens: 160, seed: 0}}
     on_disagreement: swap
-    calibrate: {{path: {data}, format: hh-rlhf, rows: 2}}
+    calibrate: {{path: {data}, format: hh-rlhf, on_bad_row: drop, rows: 1}}
 """
 
 
 @pytest.mark.slow
 def test_calibrate_end_to_end_with_the_bundled_model_on_real_hh_pairs(llama_server, hh_data, tmp_path):  # noqa: F811
-    """SmolLM2-135M behind llama.cpp's server judges real HH-RLHF pairs: the critic on 3 of the 4 input rows (its
-    calls reused by the stage), the pairwise judge on 2 pairs of the file read as a named dataset. The tiny model
-    judges badly; this proves the plumbing and honest numbers, not an agreement."""
+    """SmolLM2-135M behind llama.cpp's server judges real HH-RLHF pairs: the critic on 2 of the 3 input rows (its
+    calls reused by the stage), the pairwise judge on a pair drawn from the whole file read as a named dataset (its
+    unreadable rows left out and counted). The tiny model judges badly: this proves the plumbing and honest
+    numbers, not an agreement."""
     path = tmp_path / "pipeline.yaml"
     path.write_text(REAL.format(url=llama_server, data=hh_data))
-    first = run_pipeline(load_pipeline(path), output=tmp_path / "run", limit=4, quiet=True)
+    first = run_pipeline(load_pipeline(path), output=tmp_path / "run", limit=3, quiet=True)
     critique, judge = first["rows"][1], first["rows"][2]
-    for stage, pairs, pairwise in ((critique, 3, False), (judge, 2, True)):
+    for stage, pairs, pairwise in ((critique, 2, False), (judge, 1, True)):
         summary = stage["metrics"]["calibration"]
         print(f"\n{stage['kind']}: {json.dumps(summary)}")
         assert summary["pairs"] + summary["failed"] == pairs
@@ -433,7 +448,8 @@ def test_calibrate_end_to_end_with_the_bundled_model_on_real_hh_pairs(llama_serv
     assert critique["model_calls"]["sent"] == critique["metrics"]["calls"] + calibration_calls["failed"]
     assert critique["model_calls"]["cached"] == calibration_calls["sent"] - calibration_calls["failed"]
     assert judge["metrics"]["calibration"]["source"] == f"file {hh_data.name}"
+    assert judge["metrics"]["calibration"]["unreadable_rows"] > 0  # the file has rows whose transcripts differ early
     if first["model_calls"]["failed"] == 0:  # a failed call is asked again on a re-run, by design
-        again = run_pipeline(load_pipeline(path), output=tmp_path / "run", limit=4, quiet=True)
+        again = run_pipeline(load_pipeline(path), output=tmp_path / "run", limit=3, quiet=True)
         assert again["model_calls"]["sent"] == 0
         assert again["rows"][1]["metrics"]["calibration"] == critique["metrics"]["calibration"]
