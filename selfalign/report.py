@@ -214,7 +214,7 @@ def _funnel_html(manifest: dict[str, Any]) -> str:
     rows = []
     for s in manifest.get("rows", []):
         reasons = "; ".join(f"{r}: {n:,}" for r, n in s.get("drop_reasons", {}).items())
-        metrics = {k: v for k, v in (s.get("metrics") or {}).items()}
+        metrics = {k: v for k, v in (s.get("metrics") or {}).items() if k != "calibration"}  # it has a section
         rows.append([s["stage"], s["kind"], s["in"], s["out"], s["dropped"], reasons or "-",
                      f"{s['agreement_with_human']:.1%}" if s.get("agreement_with_human") is not None else "-",
                      json.dumps(metrics, ensure_ascii=False) if metrics else "-"])
