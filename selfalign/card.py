@@ -19,6 +19,7 @@ from typing import Any
 
 import polars as pl
 
+from . import calibration
 from .manifest import Manifest
 from .markup import fence, markdown_inline, markdown_table, shorten
 from .metrics import AGREEMENT_AFTER, AGREEMENT_BEFORE, CRITIQUES_BEFORE, CRITIQUES_KEPT
@@ -304,6 +305,13 @@ def _agreement_section(inputs: CardInputs) -> str:
         markdown_table(["stage", "kind", "before filtering", "after filtering"], rows)])
 
 
+def _calibration_section(inputs: CardInputs) -> str:
+    rows = calibration.table_rows(inputs.manifest)
+    if not rows:
+        return ""
+    return "\n\n".join(["## Judge calibration", calibration.READING, markdown_table(calibration.HEADERS, rows)])
+
+
 def _scores_section(inputs: CardInputs, images: dict[str, str]) -> str:
     frame = inputs.frame
     parts = ["## Scores"]
@@ -396,7 +404,8 @@ def card_body(inputs: CardInputs, images: dict[str, str]) -> str:
     intro += "."
     sections = [intro, _data_source_section(inputs), _formats_section(inputs), _made_section(inputs),
                 _funnel_section(inputs),
-                _sources_section(inputs), _agreement_section(inputs), _scores_section(inputs, images),
+                _sources_section(inputs), _calibration_section(inputs), _agreement_section(inputs),
+                _scores_section(inputs, images),
                 _lengths_section(inputs), _examples_section(inputs)]
     return "\n\n".join(s for s in sections if s) + "\n"
 

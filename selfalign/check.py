@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from . import calibrate
 from .config import LoadedPipeline, effective_models
 from .errors import ConfigError
 from .paths import PROJECT_ROOT, resolve_path
@@ -53,6 +54,8 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
             error(f"needs column(s) {', '.join(sorted(missing))}, which no earlier stage makes; available: "
                   f"{', '.join(sorted(columns)) or 'none'}. Add the stage that makes them earlier in the pipeline",
                   _field_for_missing(stage))
+        if getattr(stage, "calibrate", None) is not None:
+            errors += calibrate.check(loaded, index, stage, columns, lambda value: resolve_path(value, loaded.path))
         columns |= stage.adds()
         if stage.kind == "export":
             _check_export_order(pipeline.stages, index, error)

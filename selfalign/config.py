@@ -10,7 +10,7 @@ import difflib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -293,7 +293,9 @@ def _allowed_keys(yaml_path: list, data: dict) -> list[str]:
         cls = STAGES[stage["kind"]].config if isinstance(stage, dict) and stage.get("kind") in STAGES else None
         field = cls.model_fields.get(parent[2]) if cls else None
         annotation = getattr(field, "annotation", None)
-        return list(getattr(annotation, "model_fields", {}))
+        # A nested config may be optional (`calibrate: CalibrateConfig | None`): its keys are the config's.
+        nested = [option for option in (annotation, *get_args(annotation)) if hasattr(option, "model_fields")]
+        return list(nested[0].model_fields) if nested else []
     return []
 
 

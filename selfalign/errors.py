@@ -118,9 +118,24 @@ class BudgetExhausted(RunStopped):
     status = "budget"
 
 
+class CalibrationFailed(RunStopped):
+    """A stage's judge agreed with the human labels of its calibration pairs less than `min_agreement` asks
+    (calibrate.py): the run stopped before the stage sent its other calls. Its own exit status (6), so a script
+    can tell "the judge cannot judge" from a failure budget or an endpoint that refuses calls (4).
+    `calibration` holds the numbers, for the manifest."""
+
+    exit_code = 6
+    status = "calibration_failed"
+
+    def __init__(self, message: str, calibration: dict):
+        self.calibration = calibration
+        super().__init__(message)
+
+
 # Exit statuses of `selfalign run`, for scripts (README "Exit status" has the table).
 EXIT_COMPLETE = 0
 EXIT_BAD_INPUT = 2
 EXIT_FINISHED_WITH_FAILED_CALLS = 3
 EXIT_STOPPED = RunStopped.exit_code
 EXIT_BUDGET = BudgetExhausted.exit_code
+EXIT_CALIBRATION_FAILED = CalibrationFailed.exit_code

@@ -16,9 +16,10 @@ from typing_extensions import NotRequired
 if TYPE_CHECKING:
     import polars as pl
 
-# complete: every stage ran. stopped: the failure budget stopped it (exit 4). running: the manifest so far, as
-# a publish stage pushes it. error/killed are attempt statuses (cache.py) that never reach a manifest file.
-RunStatus = Literal["complete", "stopped", "running"]
+# complete: every stage ran. stopped: the failure budget or a refusing endpoint stopped it (exit 4). budget: a
+# budget cap (exit 5). calibration_failed: a stage's judge disagreed with the human labels (exit 6). running: the
+# manifest so far, as a publish stage pushes it. error/killed are attempt statuses (cache.py) only.
+RunStatus = Literal["complete", "stopped", "budget", "calibration_failed", "running"]
 
 
 class CallCounts(TypedDict):
@@ -94,7 +95,8 @@ class Manifest(TypedDict):
     attempts: list[Attempt]
     calls_sent_all_attempts: int
     status: RunStatus
-    error: NotRequired[str]             # only when status is "stopped": why
+    error: NotRequired[str]             # only when the run stopped (stopped, budget, calibration_failed): why
+    calibration: NotRequired[dict[str, Any]]  # only with calibration_failed: the numbers (calibration.summarize)
 
 
 @dataclass

@@ -209,7 +209,8 @@ def local_path_rewriter(run: RunContents) -> Callable[[str], str]:
         roots.add(str(Path(run.pipeline_file).resolve().parent))
     known.add(run.manifest["pipeline_file"])
     for stage in run.stages or []:
-        for entry in [stage, *(getattr(stage, "add", None) or [])]:
+        calibration = [stage.calibrate] if getattr(stage, "calibrate", None) is not None else []
+        for entry in [stage, *(getattr(stage, "add", None) or []), *calibration]:
             path, hf = getattr(entry, "path", None), getattr(entry, "hf", None)
             local = [path] if isinstance(path, str) else []
             if isinstance(hf, str) and (hf.startswith(("/", "~", ".")) or os.path.isdir(hf)):

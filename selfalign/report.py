@@ -152,9 +152,10 @@ def _funnel_html(manifest: Manifest) -> str:
     rows = []
     for s in manifest["rows"]:
         reasons = "; ".join(f"{r}: {n:,}" for r, n in s["drop_reasons"].items())
+        metrics = {k: v for k, v in s["metrics"].items() if k != "calibration"}  # it has a section
         rows.append([s["stage"], s["kind"], s["in"], s["out"], s["dropped"], reasons or "-",
                      f"{s['agreement_with_human']:.1%}" if s["agreement_with_human"] is not None else "-",
-                     json.dumps(s["metrics"], ensure_ascii=False) if s["metrics"] else "-"])
+                     json.dumps(metrics, ensure_ascii=False) if metrics else "-"])
     return html_table(["stage", "kind", "in", "out", "dropped", "drop reasons", "agreement with human", "metrics"],
                   rows, numeric={0, 2, 3, 4, 6})
 
@@ -327,7 +328,8 @@ EXPLAIN = {
 
 NAV = {"summary": "Run", "funnel": "Funnel", "scores": "Scores", "agreement": "Agreement",
        "position_consistency": "Position consistency", "length_bias": "Length bias", "category": "Categories",
-       "cost": "Tokens & time", "lengths": "Lengths", "samples": "Samples"}
+       "cost": "Tokens & time", "lengths": "Lengths", "samples": "Samples",
+       "calibration": "Calibration"}
 
 
 def _data_uri(path: Path) -> str:
@@ -335,8 +337,14 @@ def _data_uri(path: Path) -> str:
 
 
 def build_html(run: RunData, rendered: list[Plot]) -> str:
+    from . import calibration
+
     name = run.manifest["name"]
     sections = [("summary", "Run", _summary_html(run))]
+    calibrated = calibration.table_rows(run.manifest)
+    if calibrated:  # the stages' `calibrate:` numbers, first: they were measured before anything else was paid for
+        sections.append(("calibration", "Judge calibration against human labels",
+                         f"<p>{esc(calibration.READING)}</p>" + html_table(calibration.HEADERS, calibrated)))
     for plot in rendered:
         body = f"<p>{EXPLAIN.get(plot.name, '')}</p>"
         if plot.path is not None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import polars as pl
 
-from . import __version__, reuse
+from . import __version__, calibrate, reuse
 from .atomic import write_json, write_parquet, write_text
 from .backends import backend_for
 from .backends.base import Backend
@@ -25,7 +25,7 @@ from .cache import Cache
 from .calls import CallStats, ModelClient
 from .check import check_pipeline
 from .config import LoadedPipeline, config_hash, effective_models
-from .errors import ConfigErrors, RunStopped
+from .errors import CalibrationFailed, ConfigErrors, RunStopped
 from .manifest import Manifest, StageEntry
 from .metrics import agreement_with_human, dataset_summary
 from .paths import resolve_path
@@ -148,7 +148,11 @@ def run_stages(ctx: RunContext, stop_before: int | None = None, write: bool = Tr
             _count_reused_calls(ctx, stored.requested)
             output = stored.output
         else:
+            # `calibrate:` first judges human-labelled pairs (cached calls the stage then reuses); may stop the run.
+            calibration = calibrate.before_stage(ctx, index, stage, df)
             output = STAGES[stage.kind].run(df, stage, ctx)
+            if calibration is not None:
+                output.metrics = {**output.metrics, "calibration": calibration}
         calls = {key: value - calls_before[key] for key, value in _call_totals(ctx).items()}
         dropped = output.dropped
         if dropped is None:  # same columns as the rows, so every dropped/ file can be read the same way
@@ -261,11 +265,13 @@ def run_pipeline(loaded: LoadedPipeline, output: str | Path | None = None, limit
             df, _ = run_stages(ctx)
             status = "complete"
         except RunStopped as stop:
-            status = stop.status  # "stopped", or "budget" when a cap stopped it (BudgetExhausted)
+            status = stop.status  # "stopped", "budget" (a cap) or "calibration_failed" (the judge disagreed)
             cache.end_attempt(status)  # before the manifest, which lists the attempts
             # Replaces any manifest of an earlier attempt, so a stopped run never reads as a finished one.
-            write_json(build_manifest(ctx, ctx.funnel, pl.DataFrame(), status, limit, error=str(stop)),
-                       run_dir / MANIFEST)
+            manifest = build_manifest(ctx, ctx.funnel, pl.DataFrame(), status, limit, error=str(stop))
+            if isinstance(stop, CalibrationFailed):  # the numbers that stopped it: no finished stage holds them
+                manifest["calibration"] = stop.calibration
+            write_json(manifest, run_dir / MANIFEST)
             raise
         except KeyboardInterrupt:
             status = "interrupted"

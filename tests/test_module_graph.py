@@ -66,13 +66,14 @@ def test_without_the_function_level_import_there_is_no_cycle(tmp_path):
 LAYERS = [
     ("command line", ["cli"]),
     ("runs and their readers", ["runner", "render", "report", "inspect_run", "finished_run", "plan"]),
-    ("the pipeline file", ["config", "check", "reuse"]),
+    ("the pipeline file", ["config", "check", "reuse", "calibrate"]),
     ("stages and what they publish", ["stages", "stages.*", "publish", "card", "plots"]),
     ("model calls", ["calls", "cache", "progress", "ray_executor", "trainer_formats", "input_formats", "prompts",
                      "budget", "tokens"]),
     ("backends", ["backends", "backends.*"]),
     ("foundations", ["selfalign", "errors", "atomic", "fingerprint", "markup", "metrics", "manifest", "rundir",
-                     "paths", "yaml_source", "config_base", "model_costs", "textmatch"]),
+                     "paths", "yaml_source", "config_base", "model_costs", "textmatch",
+                     "calibration"]),
 ]
 
 

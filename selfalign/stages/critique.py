@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, create_model, model_validator
 
 from ..backends.base import Request
 from ..backends import DEFAULT_MODEL_NAME
+from ..calibration import CalibrateConfig
 from ..config_base import Strict
 from .base import ModelStageConfig, StageContext, StageOutput, lists, strings, structs
 from .model_calls import CRITIQUE, RowFailure, SamplingConfig, ask, split_failed_rows
@@ -40,6 +41,8 @@ class CritiqueConfig(ModelStageConfig):
     sampling: SamplingConfig = SamplingConfig()
     max_attempts: int = Field(3, ge=1, le=10, description="re-asks of an invalid reply, with the error quoted")
     max_critique_chars: int = Field(600, ge=20)
+    calibrate: CalibrateConfig | None = Field(None, description="first score a held-out slice of human-labelled "
+                                              "pairs and report agreement; with min_agreement, stop when it is low")
 
     @model_validator(mode="after")
     def _check(self):

@@ -15,6 +15,7 @@ from pydantic import Field, create_model
 
 from ..backends.base import Request
 from ..backends import DEFAULT_MODEL_NAME
+from ..calibration import CalibrateConfig
 from .base import ModelStageConfig, StageContext, StageOutput
 from .model_calls import SamplingConfig, ask, first_failure, split_failed_rows
 
@@ -29,6 +30,8 @@ class JudgeConfig(ModelStageConfig):
     sampling: SamplingConfig = SamplingConfig(temperature=0.0, max_tokens=256)
     on_disagreement: Literal["drop", "swap"] = "drop"
     max_attempts: int = Field(3, ge=1, le=10)
+    calibrate: CalibrateConfig | None = Field(None, description="first judge a held-out slice of human-labelled "
+                                              "pairs and report agreement; with min_agreement, stop when it is low")
 
     def needs(self) -> set[str]:
         return {"prompt", "chosen", "rejected"}
@@ -52,6 +55,13 @@ def build_requests(df: pl.DataFrame, config: JudgeConfig, ctx: StageContext) -> 
     return requests
 
 
+def pair_verdict(first_winner: str, second_winner: str) -> str:
+    """"chosen", "rejected" or "inconsistent", from the winners of order 1 (A=chosen) and order 2 (A=rejected)."""
+    pick_1 = "chosen" if first_winner == "A" else "rejected"
+    pick_2 = "chosen" if second_winner == "B" else "rejected"
+    return pick_1 if pick_1 == pick_2 else "inconsistent"
+
+
 def run(df: pl.DataFrame, config: JudgeConfig, ctx: StageContext) -> StageOutput:
     results = ask(ctx, config, build_requests(df, config, ctx), Verdict)
     verdicts, reasoning, failures = [], [], []
@@ -63,10 +73,7 @@ def run(df: pl.DataFrame, config: JudgeConfig, ctx: StageContext) -> StageOutput
             verdicts.append(None)
             reasoning.append([])
             continue
-        # Map each order's letter back to which answer it names.
-        pick_1 = "chosen" if first.value["winner"] == "A" else "rejected"
-        pick_2 = "chosen" if second.value["winner"] == "B" else "rejected"
-        verdicts.append(pick_1 if pick_1 == pick_2 else "inconsistent")
+        verdicts.append(pair_verdict(first.value["winner"], second.value["winner"]))
         reasoning.append([first.value["reasoning"], second.value["reasoning"]])
     out = df.with_columns(judge_verdict=pl.Series(verdicts, dtype=pl.Utf8),
                           judge_reasoning=pl.Series(reasoning, dtype=pl.List(pl.Utf8)))
