@@ -7,7 +7,8 @@ speaks the batch protocol in base.py; `BACKENDS` below is the one table of them,
 To add a backend:
 1. Write `backends/<name>.py` with
    - its config class: a `ModelCosts` (model_costs.py: a `Strict` config with the price:, budget: and
-     throughput: every model may declare) with `backend: Literal["<name>"]` and a `description=` on every field (`selfalign schema` prints them);
+     throughput: every model may declare) with `backend: Literal["<name>"]` and a `description=` on every
+     field (`selfalign schema` prints them);
    - `identity(config) -> dict`: what names the model in cache keys (backend, model, anything that changes the
      text; never a secret). The backend object's own `identity` attribute is built by the same code;
    - `start(config) -> Backend`: the backend, ready for calls. Import the engine's library here or in the

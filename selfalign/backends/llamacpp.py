@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..model_costs import ModelCosts
 from ..errors import RunError
+from ..model_costs import ModelCosts
 from .base import Completion, OnResult, Request
 from .bundled_model import bundled_model_path
 from .llamacpp_cpu import new_llama, params_for_this_cpu

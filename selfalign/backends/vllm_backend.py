@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..model_costs import ModelCosts
 from ..errors import RunError
+from ..model_costs import ModelCosts
 from .base import Completion, OnResult, Request
 
 

@@ -16,8 +16,8 @@ import polars as pl
 import pyarrow as pa
 from pydantic import BaseModel, Field, create_model, model_validator
 
-from ..backends.base import Request
 from ..backends import DEFAULT_MODEL_NAME
+from ..backends.base import Request
 from ..calibration import CalibrateConfig
 from ..config_base import Strict
 from .base import ModelStageConfig, StageContext, StageOutput, lists, strings, structs

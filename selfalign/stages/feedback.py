@@ -15,8 +15,8 @@ from typing import Literal
 import polars as pl
 from pydantic import Field, create_model
 
-from ..backends.base import Request
 from ..backends import DEFAULT_MODEL_NAME
+from ..backends.base import Request
 from .base import ModelStageConfig, StageContext, StageOutput
 from .model_calls import CRITIQUE, SamplingConfig, ask, critique_value, first_failure, split_failed_rows
 

@@ -11,8 +11,8 @@ from typing import Literal
 import polars as pl
 from pydantic import Field
 
-from ..backends.base import Request
 from ..backends import DEFAULT_MODEL_NAME
+from ..backends.base import Request
 from .base import ModelStageConfig, StageContext, StageOutput
 from .model_calls import SamplingConfig, ask, first_failure, split_failed_rows
 

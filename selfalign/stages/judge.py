@@ -13,8 +13,8 @@ from typing import Literal
 import polars as pl
 from pydantic import Field, create_model
 
-from ..backends.base import Request
 from ..backends import DEFAULT_MODEL_NAME
+from ..backends.base import Request
 from ..calibration import CalibrateConfig
 from .base import ModelStageConfig, StageContext, StageOutput
 from .model_calls import SamplingConfig, ask, first_failure, split_failed_rows

@@ -18,8 +18,8 @@ from typing import Literal
 import polars as pl
 from pydantic import Field, create_model, model_validator
 
-from ..backends.base import Request
 from ..backends import DEFAULT_MODEL_NAME
+from ..backends.base import Request
 from .base import ModelStageConfig, StageContext, StageOutput
 from .consistency import ConsistencyConfig, judge_pair
 from .model_calls import CRITIQUE, RowFailure, SamplingConfig, ask, critique_value, split_failed_rows
