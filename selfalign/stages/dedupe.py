@@ -20,7 +20,7 @@ Both are maintained; measured on 100k prompts with 2,000 planted near-duplicates
 permutations and 32 bands (benchmarks/case_dedupe.py, results/2026-12-02-dedupe.md): both found every planted
 pair (recall 1.0) with the same share of true pairs among the candidates (0.77% vs 0.79%: the bands are set for
 recall, the exact check does the rest), and rensa built the signatures and the index and queried every prompt
-in 3.6 s of CPU against datasketch's 39.7 s (MinHash.bulk hashes each shingle with SHA-1 from Python; its LSH
+in 3.9 s of CPU (10 s wall) against datasketch's 41.3 s (88 s) (MinHash.bulk hashes each shingle with SHA-1 from Python; its LSH
 index is Python dicts).
 
 The same options are `near_duplicates:` of the mix stage, applied after its exact dedupe.
