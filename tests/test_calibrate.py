@@ -246,6 +246,7 @@ def test_a_position_biased_pairwise_judge_shows_its_flip_rate(tmp_path, capsys):
         chance = 0.5 * says_a + 0.5 * (1 - says_a)
         assert summary["kappa"] == pytest.approx((right - chance) / (1 - chance), abs=1e-4)
         assert status == 6, err
+        print("\n" + err.strip().splitlines()[-1])
         assert "flips with the order of the answers" in err and "position bias" in err, err
 
 
