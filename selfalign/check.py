@@ -76,6 +76,9 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
         columns |= stage.adds()
         if stage.kind == "export":
             _check_export_order(pipeline.stages, index, error)
+        if stage.kind == "evaluate":
+            from .stages.evaluate import check_evaluate
+            check_evaluate(pipeline.stages, index, lambda value: resolve_path(value, loaded.path), error)
         if stage.kind == "publish" and not stage.hub.language:
             # The push would refuse a card without it; say so now, before any model call is paid for.
             error("the dataset card needs the data's language: add `language: [en]` (ISO 639 codes) under hub:",
@@ -83,9 +86,9 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
     return errors
 
 
-# What may follow an export: publish pushes the same rows. Any other stage would change rows the export has
-# already written, so the run's result (dataset/, export/) would not hold them.
-AFTER_EXPORT = {"publish"}
+# What may follow an export: publish pushes the same rows (evaluate measures them). Any other stage would change
+# rows the export has already written, so the run's result (dataset/, export/) would not hold them.
+AFTER_EXPORT = {"publish", "evaluate"}
 
 
 def _check_export_order(stages: list, index: int, error) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import consistency, critique, export, feedback, filter, generate, judge, load, mix, pair, publish, refine
+from . import (consistency, critique, evaluate, export, feedback, filter, generate, judge, load, mix, pair, publish,
+               refine)
 
 STAGES = {
     "load": (load.LoadConfig, load.run),
@@ -17,6 +18,7 @@ STAGES = {
     "mix": (mix.MixConfig, mix.run),
     "export": (export.ExportConfig, export.run),
     "publish": (publish.PublishConfig, publish.run),
+    "evaluate": (evaluate.EvaluateConfig, evaluate.run),
 }
 
 # Stages that call a model, and the function that builds their requests (for `selfalign render`).

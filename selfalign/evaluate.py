@@ -1,0 +1,647 @@
+"""Does the run's data make a better reward model? Arms, held-out human pairs, reward models, bootstrap.
+
+The library behind `selfalign evaluate RUN_DIR` and the `evaluate` stage (stages/evaluate.py); both call
+`evaluate_stages` on the frames each stage of the run kept and dropped.
+
+- **Arms**: preference sets made from the run. `human`: the human pairs the load stage read. `synthetic`: the
+  same kind of pairs labelled by the model itself, before any consistency filter (the first critique stage's
+  mean scores, else the judge's verdicts, else the pair stage's best-vs-worst). `filtered`: the rows the first
+  consistency (else judge) stage kept. `final`: the run's last rows (what export wrote). An arm the run cannot
+  make is listed with the reason.
+- **Held-out human pairs**: an `eval:` dataset, or the run's own split: the human prompts whose hash falls in
+  the held-out share (the same hash export splits by, so export's test split is inside it). Every arm's
+  training rows are made prompt-disjoint from them: rows sharing a prompt are removed and counted.
+- **Same budget per arm**: each arm trains on the same number of pairs (`budget`, default the smallest arm's
+  count), drawn anew for each of `seeds` seeds; a reward model is fitted per arm and seed and scores every
+  held-out pair (correct when it rates the human-chosen answer higher; a tie counts half).
+- **Intervals**: accuracy per arm is the mean over held-out pairs of each pair's correctness averaged over the
+  seeds; its 95% interval comes from resampling the held-out pairs (percentile bootstrap). The differences
+  `filtered - synthetic` and `final - human` resample the same pairs for both arms (paired bootstrap).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import polars as pl
+from pydantic import Field, model_validator
+
+from .embeddings import (EmbeddingConfig, EmbeddingSource, FeatureCache, FeatureStats, LlamaCppEmbedding,
+                         embedder_for, features, pair_text)
+from .errors import ConfigError, RunError, SelfalignError
+from .models import Strict
+
+ARMS = ("human", "synthetic", "filtered", "final")
+DIFFERENCES = (("filtered", "synthetic"), ("final", "human"))
+DEFAULT_HOLDOUT = 0.1
+RESULT_FILE = "evaluate.json"
+FEATURES_FILE = "features.sqlite"
+# A stage and the frames it wrote: (index, kind, rows kept, rows dropped or None), as report.load_run reads them.
+Stage = tuple[int, str, pl.DataFrame, "pl.DataFrame | None"]
+
+
+class EvaluationError(SelfalignError):
+    """The run cannot be evaluated as asked: says what is missing and what to do (exit 2)."""
+
+
+# -- settings ------------------------------------------------------------------------------------------------
+
+class EvalData(Strict):
+    """Held-out human preference pairs from outside the run, read as the load stage reads its input."""
+
+    path: str | None = Field(None, description="local file: .jsonl, .jsonl.gz, .json, .parquet, .csv")
+    hf: str | None = Field(None, description="a `datasets` id or local dataset folder, read with load_dataset")
+    split: str = Field("test", description="the split of an hf: dataset")
+    config: str | None = Field(None, description="the config of an hf: dataset")
+    revision: str | None = Field(None, description="the revision of an hf: dataset")
+    format: Literal["hh-rlhf", "trl"] = Field(description="how the pairs are written (as for the load stage)")
+    on_bad_row: Literal["error", "drop"] = Field("error", description="drop: skip rows that do not parse")
+    limit: int | None = Field(None, ge=1, description="read only the first N rows")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of `path:` (a local file) or `hf:` (a datasets id)")
+        return self
+
+    def describe(self) -> str:
+        return f"hf:{self.hf} ({self.split})" if self.hf else Path(self.path).name
+
+
+class ProbeSettings(Strict):
+    """A Bradley-Terry model on frozen features: logistic regression on feature differences, no intercept."""
+
+    c: float = Field(1.0, gt=0, le=1e6, description="scikit-learn's C (inverse L2 strength) of the regression")
+    prompt_turns: int | None = Field(1, ge=0, description="how many of the prompt's last messages are embedded "
+                                                         "with the response (null: all of them)")
+    max_chars: int = Field(2000, ge=16, description="the embedded text's last N characters")
+
+
+class FinetuneSettings(Strict):
+    """TRL's RewardTrainer on a small model for a fixed number of steps, a fresh copy per arm and seed."""
+
+    model: str = Field(description="a local model folder (weights, config, tokenizer with a chat template), "
+                                   "loaded as AutoModelForSequenceClassification with one label")
+    steps: int = Field(100, ge=1, le=1_000_000, description="optimizer steps per arm and seed")
+    batch_size: int = Field(8, ge=1, le=4096, description="pairs per step")
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="AdamW learning rate")
+    max_length: int = Field(512, ge=16, description="tokens per conversation; longer ones keep their end")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when there is one")
+
+
+class EvaluateSettings(Strict):
+    """What `selfalign evaluate` and the `evaluate` stage do; every field has a default but finetune's model."""
+
+    eval: EvalData | None = Field(None, description="held-out human pairs; default: the run's own split")
+    holdout: float | None = Field(None, gt=0, lt=1, description="without eval: the share of human prompts held out "
+                                  "(by prompt hash); default: the export stage's test_size, else 0.1")
+    reward_model: Literal["probe", "finetune"] = Field("probe", description="probe: logistic regression on frozen "
+                                                       "embeddings (CPU); finetune: TRL RewardTrainer")
+    embedding: EmbeddingConfig = Field(default_factory=LlamaCppEmbedding,
+                                       description="where the probe's features come from")
+    probe: ProbeSettings = Field(default_factory=ProbeSettings, description="the probe's settings")
+    finetune: FinetuneSettings | None = Field(None, description="the finetuned reward model's settings")
+    budget: int | None = Field(None, ge=1, description="training pairs per arm; default: the smallest arm's count")
+    seeds: int = Field(5, ge=1, le=1000, description="draws of the budget from each arm, one model each")
+    bootstrap: int = Field(2000, ge=100, le=1_000_000, description="resamples of the held-out pairs")
+    seed: int = Field(0, description="seeds the draws and the bootstrap")
+
+    @model_validator(mode="after")
+    def _finetune_needs_a_model(self):
+        if self.reward_model == "finetune" and self.finetune is None:
+            raise ValueError("reward_model: finetune needs `finetune: {model: FOLDER}` (a local model folder)")
+        return self
+
+
+# -- arms ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Arm:
+    name: str
+    origin: str                          # where its rows come from, in words
+    frame: pl.DataFrame | None = None    # prompt, chosen, rejected (chosen preferred)
+    why_not: str | None = None           # when the run cannot make this arm
+
+
+def _has_pairs(df: pl.DataFrame | None) -> bool:
+    return (df is not None and {"prompt", "chosen", "rejected"} <= set(df.columns)
+            and df.schema["chosen"] == pl.Utf8 and df.schema["rejected"] == pl.Utf8)
+
+
+def _pairs(df: pl.DataFrame) -> pl.DataFrame:
+    return df.select("prompt", "chosen", "rejected").filter(
+        pl.col("chosen").is_not_null() & pl.col("rejected").is_not_null())
+
+
+def _mean_score(column: str) -> pl.Expr:
+    return pl.col(column).list.eval(pl.element().struct.field("score")).list.mean()
+
+
+def _swapped(df: pl.DataFrame, swap: pl.Expr) -> pl.DataFrame:
+    return df.with_columns(chosen=pl.when(swap).then(pl.col("rejected")).otherwise(pl.col("chosen")),
+                           rejected=pl.when(swap).then(pl.col("chosen")).otherwise(pl.col("rejected")))
+
+
+def _labelled_by_scores(df: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Each pair ordered by its mean critique scores (the model's label); tied or unscored pairs left out."""
+    scored = df.with_columns(_c=_mean_score("chosen_critiques"), _r=_mean_score("rejected_critiques"))
+    known = scored.filter(pl.col("_c").is_not_null() & pl.col("_r").is_not_null())
+    untied = known.filter(pl.col("_c") != pl.col("_r"))
+    return _pairs(_swapped(untied, pl.col("_c") < pl.col("_r"))), scored.height - untied.height
+
+
+def _labelled_by_judge(kept: pl.DataFrame, dropped: pl.DataFrame | None) -> pl.DataFrame:
+    """The judge's consistent verdicts: kept rows have its pick as `chosen` (swapped already with
+    on_disagreement: swap); rows it dropped for disagreeing with the label are swapped here."""
+    parts = [_pairs(kept)]
+    if _has_pairs(dropped) and "drop_reason" in dropped.columns:
+        parts.append(_pairs(_swapped(dropped.filter(pl.col("drop_reason") == "judge_disagrees_with_label"),
+                                     pl.lit(True))))
+    return pl.concat(parts)
+
+
+def make_arms(stages: Sequence[Stage], has_export: bool) -> list[Arm]:
+    """The four arms from a run's stages (in order, the evaluate stage itself and publish left out)."""
+    stages = [s for s in stages if s[1] not in ("evaluate", "publish")]
+    label = lambda index, kind: f"stage {index} ({kind})"  # noqa: E731
+    arms = []
+    load = stages[0] if stages and stages[0][1] == "load" else None
+    if load is not None and _has_pairs(load[2]):
+        human = load[2].filter(pl.col("source") == "human") if "source" in load[2].columns else load[2]
+        arms.append(Arm("human", f"{label(*load[:2])}: the human pairs as read", _pairs(human)))
+    else:
+        arms.append(Arm("human", "-", why_not="the input has no human pairs (a prompts-only load stage)"))
+
+    synthetic = None
+    for index, kind, kept, dropped in stages:
+        if kind == "critique" and _has_pairs(kept) and {"chosen_critiques", "rejected_critiques"} <= set(kept.columns):
+            frame, left_out = _labelled_by_scores(kept)
+            synthetic = Arm("synthetic", f"{label(index, kind)}: each pair ordered by its mean critique score "
+                            f"({left_out:,} tied or unscored left out)", frame)
+        elif kind == "judge" and _has_pairs(kept):
+            synthetic = Arm("synthetic", f"{label(index, kind)}: each pair ordered by the judge's verdict in both "
+                            "orders (position-inconsistent ones left out)", _labelled_by_judge(kept, dropped))
+        elif kind == "pair" and _has_pairs(kept):
+            synthetic = Arm("synthetic", f"{label(index, kind)}: best vs worst answer by the model's scores",
+                            _pairs(kept))
+        if synthetic is not None:
+            break
+    arms.append(synthetic or Arm("synthetic", "-", why_not="no stage labels pairs by the model's own scores or "
+                                 "verdicts (critique of chosen and rejected, judge, or pair)"))
+
+    filtered = next(((i, k, kept) for i, k, kept, _ in stages if k == "consistency" and _has_pairs(kept)), None) \
+        or next(((i, k, kept) for i, k, kept, _ in stages if k == "judge" and _has_pairs(kept)), None)
+    if filtered is not None:
+        what = "pairs whose critiques agree with the human label" if filtered[1] == "consistency" \
+            else "pairs the judge kept"
+        arms.append(Arm("filtered", f"{label(*filtered[:2])}: {what}", _pairs(filtered[2])))
+    else:
+        arms.append(Arm("filtered", "-", why_not="no consistency or judge stage filters the pairs"))
+
+    last = next(((i, k, kept) for i, k, kept, _ in reversed(stages) if k != "export"), None)
+    if last is not None and _has_pairs(last[2]):
+        what = "the rows export wrote" if has_export else "the last stage's rows (the run has no export stage)"
+        arms.append(Arm("final", f"{label(*last[:2])}: {what}", _pairs(last[2])))
+    else:
+        arms.append(Arm("final", "-", why_not="the run's last rows are not chosen/rejected pairs"))
+    return arms
+
+
+# -- held-out pairs and prompt-disjointness ---------------------------------------------------------------------
+
+def prompt_key(prompt: list[dict[str, str]]) -> str:
+    """A prompt's identity for disjointness: roles and text, case and whitespace folded.
+
+    >>> prompt_key([{"role": "user", "content": "Hi  there"}]) == prompt_key([{"role": "user", "content": "hi there"}])
+    True
+    """
+    text = "\n".join(f"{m['role']}:{' '.join(m['content'].lower().split())}" for m in prompt)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def with_prompt_keys(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_columns(_prompt=pl.Series([prompt_key(p) for p in df["prompt"].to_list()], dtype=pl.Utf8))
+
+
+def own_split(human: pl.DataFrame, holdout: float) -> pl.DataFrame:
+    """The human pairs whose prompt hash is below `holdout`: export's split function, so export's test rows
+    are among them whenever holdout >= the export stage's test_size."""
+    from .trainer_formats import prompt_buckets
+
+    if human.height == 0:
+        return human
+    return human.filter(prompt_buckets(human["prompt"]) < holdout)
+
+
+def read_eval_data(data: EvalData, resolve: Callable[[str], Path]) -> pl.DataFrame:
+    """The eval: dataset's pairs, read by the load stage's own readers and mappers."""
+    from .stages.load import LoadConfig, run as load
+
+    @dataclass
+    class Reading:  # what the load stage uses of a run's context
+        limit: int | None
+
+        def resolve(self, value: str) -> Path:
+            return resolve(value)
+
+    config = LoadConfig(kind="load", path=data.path, hf=data.hf, split=data.split, config=data.config,
+                        revision=data.revision, format=data.format, on_bad_row=data.on_bad_row)
+    return _pairs(load(None, config, Reading(data.limit)).kept)
+
+
+@dataclass
+class Pool:
+    """An arm's training rows once every prompt of the held-out pairs is taken out."""
+
+    arm: Arm
+    rows: pl.DataFrame           # prompt, chosen, rejected, _prompt, _pair
+    overlap: int                 # rows removed because their prompt is a held-out prompt
+
+
+def disjoint_pools(arms: list[Arm], held_out: pl.DataFrame) -> list[Pool]:
+    """Remove every training row whose prompt is a held-out prompt, count them, and check that none is left."""
+    held = set(with_prompt_keys(held_out)["_prompt"].to_list())
+    pools = []
+    for arm in arms:
+        if arm.frame is None:
+            continue
+        keyed = with_prompt_keys(arm.frame)
+        rows = keyed.filter(~pl.col("_prompt").is_in(list(held)))
+        left = set(rows["_prompt"].to_list()) & held
+        if left:  # cannot happen; the check is the promise, so it is made, not assumed
+            raise RuntimeError(f"arm {arm.name}: {len(left)} held-out prompts are still in the training rows")
+        rows = rows.with_columns(_pair=pl.Series(
+            [hashlib.sha256(f"{p}\0{c}\0{r}".encode()).hexdigest() for p, c, r in
+             rows.select("_prompt", "chosen", "rejected").iter_rows()], dtype=pl.Utf8))
+        pools.append(Pool(arm, rows, keyed.height - rows.height))
+    return pools
+
+
+def draw(rows: pl.DataFrame, budget: int, seed: int) -> pl.DataFrame:
+    """`budget` rows by a seeded, order-independent shuffle (the same rows whatever order the pool is in)."""
+    ranks = [hashlib.sha256(f"{seed}:{key}".encode()).hexdigest() for key in rows["_pair"].to_list()]
+    return rows.with_columns(_rank=pl.Series(ranks, dtype=pl.Utf8)).sort("_rank").head(budget).drop("_rank")
+
+
+# -- reward models ------------------------------------------------------------------------------------------
+
+class ProbeModel:
+    """Bradley-Terry on frozen features: P(a preferred to b) = sigmoid(w . (phi(a) - phi(b))), fitted by
+    scikit-learn's logistic regression on the differences of training pairs, each also shown reversed (so the
+    two classes are balanced and the fit has no intercept to learn)."""
+
+    def __init__(self, settings: ProbeSettings, vectors: dict[str, np.ndarray]):
+        self.settings, self.vectors = settings, vectors
+
+    def text(self, prompt, response: str) -> str:
+        return pair_text(prompt, response, self.settings.prompt_turns, self.settings.max_chars)
+
+    def texts(self, frame: pl.DataFrame) -> list[str]:
+        return [self.text(p, answer) for p, c, r in frame.select("prompt", "chosen", "rejected").iter_rows()
+                for answer in (c, r)]
+
+    def differences(self, frame: pl.DataFrame) -> np.ndarray:
+        rows = [self.vectors[self.text(p, c)] - self.vectors[self.text(p, r)]
+                for p, c, r in frame.select("prompt", "chosen", "rejected").iter_rows()]
+        return np.vstack(rows).astype(np.float64)
+
+    def scores(self, train: pl.DataFrame, held_out: pl.DataFrame, seed: int) -> np.ndarray:
+        """w . (phi(chosen) - phi(rejected)) of every held-out pair: > 0 means the human-chosen answer wins."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.preprocessing import StandardScaler
+
+        diffs = self.differences(train)
+        x = np.vstack([diffs, -diffs])
+        y = np.concatenate([np.ones(len(diffs)), np.zeros(len(diffs))])
+        scaler = StandardScaler(with_mean=False).fit(x)  # the data is symmetric: its mean is 0 already
+        model = LogisticRegression(C=self.settings.c, fit_intercept=False, max_iter=5000, random_state=seed)
+        model.fit(scaler.transform(x), y)
+        return model.decision_function(scaler.transform(self.differences(held_out)))
+
+
+def correctness(scores: np.ndarray) -> np.ndarray:
+    """1 where the human-chosen answer scores higher, 0 where lower, 1/2 for a tie."""
+    return np.where(scores > 0, 1.0, np.where(scores < 0, 0.0, 0.5))
+
+
+# -- intervals --------------------------------------------------------------------------------------------
+
+def bootstrap_interval(values: np.ndarray, resamples: np.ndarray) -> tuple[float, float]:
+    """Percentile 95% interval of the mean of `values` (one per held-out pair) over the resampled index rows."""
+    means = values[resamples].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def verdict(low: float, high: float) -> str:
+    if low > 0:
+        return "higher"
+    if high < 0:
+        return "lower"
+    return "no clear difference (the interval holds 0)"
+
+
+# -- the evaluation ---------------------------------------------------------------------------------------
+
+@dataclass
+class RunView:
+    """What an evaluation reads of a run, from a finished run directory or from a pipeline still running."""
+
+    name: str
+    run_dir: Path
+    stages: list[Stage]
+    stage_configs: list[Any] | None       # the pipeline's validated stages, when known
+    resolve: Callable[[str], Path] = Path
+
+
+def _export_test_size(configs: list[Any] | None) -> float | None:
+    export = next((s for s in configs or [] if getattr(s, "kind", None) == "export"), None)
+    return export.test_size if export is not None and export.test_size > 0 else None
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def _error(message: str, place: dict[str, Any] | None) -> SelfalignError:
+    return ConfigError(message, **place) if place else EvaluationError(message)
+
+
+def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: EmbeddingSource | None = None,
+                    log: Callable[[str], None] = lambda message: None,
+                    place: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the run's arms; returns what evaluate.json holds. `source` replaces the configured embedding
+    source (tests); `place` (file, line, stage, kind) makes errors point at the evaluate stage's YAML."""
+    started = time.perf_counter()
+    has_export = any(getattr(s, "kind", None) == "export" for s in view.stage_configs or []) \
+        or any(kind == "export" for _, kind, _, _ in view.stages)
+    arms = make_arms(view.stages, has_export)
+    by_name = {arm.name: arm for arm in arms}
+
+    if settings.eval is not None:
+        held_out = read_eval_data(settings.eval, view.resolve)
+        held_source = {"kind": "eval", "name": settings.eval.describe()}
+    else:
+        human = by_name["human"].frame
+        if human is None:
+            raise _error("this run has no human pairs to hold out; give `eval:` (held-out human preference pairs, "
+                         "e.g. eval: {path: heldout.jsonl, format: hh-rlhf}, or --eval FILE --eval-format F)", place)
+        holdout = settings.holdout or _export_test_size(view.stage_configs) or DEFAULT_HOLDOUT
+        held_out = own_split(human, holdout)
+        held_source = {"kind": "split", "holdout": holdout,
+                       "name": f"the run's own split: human prompts whose hash is below {holdout:g}"}
+    held_out = _pairs(held_out)
+    if held_out.height == 0:
+        raise _error(f"no held-out pairs ({held_source['name']} gives none of {by_name['human'].frame.height if by_name['human'].frame is not None else 0:,} human pairs); "
+                     "raise `holdout:` or give `eval:` with held-out human pairs", place)
+
+    pools = disjoint_pools(arms, held_out)
+    usable = [pool for pool in pools if pool.rows.height > 0]
+    for pool in pools:
+        if pool.rows.height == 0:
+            pool.arm.why_not = (f"no training rows left: all {pool.overlap:,} share a prompt with the held-out pairs"
+                                if pool.overlap else "the arm has no rows")
+    if settings.budget is not None:
+        budget = settings.budget
+        for pool in usable:
+            if pool.rows.height < budget:
+                pool.arm.why_not = (f"{pool.rows.height:,} training rows, fewer than budget {budget:,}; lower "
+                                    "`budget:` to compare it")
+        usable = [pool for pool in usable if pool.rows.height >= budget]
+    else:
+        budget = min((pool.rows.height for pool in usable), default=0)
+    if not usable:
+        reasons = "; ".join(f"{arm.name}: {arm.why_not}" for arm in arms if arm.why_not)
+        raise _error(f"no arm can be trained ({reasons})", place)
+
+    draws = {pool.arm.name: [draw(pool.rows, budget, settings.seed + s) for s in range(settings.seeds)]
+             for pool in usable}
+    feature_stats = None
+    if settings.reward_model == "probe":
+        source = source or embedder_for(settings.embedding, view.resolve)
+        cache = FeatureCache(view.run_dir / FEATURES_FILE)
+        feature_stats = FeatureStats()
+        try:
+            probe = ProbeModel(settings.probe, {})
+            needed = probe.texts(held_out) + [text for frames in draws.values() for frame in frames
+                                              for text in probe.texts(frame)]
+            probe.vectors = features(needed, source, cache, feature_stats, log=log)
+        finally:
+            cache.close()
+            source.close()
+        model = probe
+    else:
+        from .reward_finetune import FinetuneModel
+
+        model = FinetuneModel(settings.finetune, view.resolve, view.run_dir, log)
+
+    correct: dict[str, np.ndarray] = {}   # arm -> seeds x held-out
+    for name, frames in draws.items():
+        log(f"arm {name}: {settings.seeds} x {settings.reward_model} on {budget:,} pairs")
+        correct[name] = np.vstack([correctness(model.scores(frame, held_out, settings.seed + s))
+                                   for s, frame in enumerate(frames)])
+
+    rng = np.random.default_rng(settings.seed)
+    resamples = rng.integers(0, held_out.height, size=(settings.bootstrap, held_out.height))
+    per_pair = {name: values.mean(axis=0) for name, values in correct.items()}
+    arm_rows = []
+    pool_of = {pool.arm.name: pool for pool in pools}
+    for arm in arms:
+        row: dict[str, Any] = {"name": arm.name, "origin": arm.origin, "available": arm.name in per_pair,
+                               "why_not": arm.why_not if arm.name not in per_pair else None,
+                               "rows": arm.frame.height if arm.frame is not None else 0}
+        pool = pool_of.get(arm.name)
+        if pool is not None:
+            row.update(overlap_removed=pool.overlap, training_rows=pool.rows.height)
+        if arm.name in per_pair:
+            low, high = bootstrap_interval(per_pair[arm.name], resamples)
+            seed_accuracy = correct[arm.name].mean(axis=1)
+            row.update(budget=budget, accuracy=_round(per_pair[arm.name].mean()), ci=[_round(low), _round(high)],
+                       seed_accuracies=[_round(a) for a in seed_accuracy],
+                       seed_sd=_round(seed_accuracy.std(ddof=1) if len(seed_accuracy) > 1 else 0.0))
+        arm_rows.append(row)
+    differences = []
+    for a, b in DIFFERENCES:
+        entry: dict[str, Any] = {"name": f"{a} - {b}", "a": a, "b": b}
+        missing = [name for name in (a, b) if name not in per_pair]
+        if missing:
+            entry.update(available=False, why_not="; ".join(f"no {name} arm: {by_name[name].why_not}"
+                                                           for name in missing))
+        else:
+            values = per_pair[a] - per_pair[b]
+            low, high = bootstrap_interval(values, resamples)
+            entry.update(available=True, difference=_round(values.mean()), ci=[_round(low), _round(high)],
+                         verdict=verdict(low, high))
+        differences.append(entry)
+    reward_model: dict[str, Any] = {"kind": settings.reward_model}
+    if settings.reward_model == "probe":
+        reward_model.update(settings.probe.model_dump(), embedding=feature_stats.identity)
+    else:
+        reward_model.update(settings.finetune.model_dump(exclude={"model"}), model=Path(settings.finetune.model).name)
+    return {
+        "schema_version": 1,
+        "run": view.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "reward_model": reward_model,
+        "held_out": {**held_source, "pairs": held_out.height},
+        "budget": budget,
+        "seeds": settings.seeds,
+        "bootstrap": settings.bootstrap,
+        "confidence": 0.95,
+        "arms": arm_rows,
+        "differences": differences,
+        "features": feature_stats.as_dict() if feature_stats is not None else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `evaluation`: the numbers a card or report shows, without per-seed detail."""
+    return {
+        "file": RESULT_FILE,
+        "reward_model": result["reward_model"]["kind"],
+        "held_out": result["held_out"],
+        "budget": result["budget"],
+        "seeds": result["seeds"],
+        "arms": {arm["name"]: ({k: arm.get(k) for k in ("accuracy", "ci", "training_rows", "overlap_removed")}
+                               if arm["available"] else {"why_not": arm["why_not"]}) for arm in result["arms"]},
+        "differences": {d["name"]: ({k: d[k] for k in ("difference", "ci", "verdict")} if d["available"]
+                                    else {"why_not": d["why_not"]}) for d in result["differences"]},
+    }
+
+
+def evaluation_of(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The evaluation summary in a manifest: from `selfalign evaluate` (top level) or an evaluate stage."""
+    if manifest.get("evaluation"):
+        return manifest["evaluation"]
+    for entry in reversed(manifest.get("rows") or []):
+        if entry.get("kind") == "evaluate" and (entry.get("metrics") or {}).get("evaluation"):
+            return entry["metrics"]["evaluation"]
+    return None
+
+
+# -- a finished run directory ------------------------------------------------------------------------------
+
+def settings_from_run(configs: list[Any] | None) -> dict[str, Any]:
+    """The run's own evaluate stage's settings (what `selfalign evaluate` starts from), else {}."""
+    stage = next((s for s in configs or [] if getattr(s, "kind", None) == "evaluate"), None)
+    return stage.model_dump(exclude={"kind"}, exclude_unset=True) if stage is not None else {}
+
+
+def settings_with(base: dict[str, Any], overrides: list[str]) -> EvaluateSettings:
+    """`base` (the run's evaluate stage, or nothing) with `--set path=value` overrides applied and validated;
+    each error names the --set that wrote the value."""
+    import copy
+    import difflib
+
+    from pydantic import ValidationError
+
+    from .config import apply_override, override_path, shown
+    from .errors import ConfigErrors
+
+    data = copy.deepcopy(base)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    if isinstance(data.get("embedding"), dict):
+        data["embedding"].setdefault("source", "llamacpp")  # as the default embedding is, when only its fields are set
+    try:
+        return EvaluateSettings.model_validate(data)
+    except ValidationError as exc:
+        errors = []
+        for error in exc.errors():
+            # Without the discriminator's tag: embedding.llamacpp.n_ctx is embedding.n_ctx in the file.
+            loc = [str(part) for i, part in enumerate(error["loc"]) if not (i == 1 and error["loc"][0] == "embedding")]
+            blamed = next((a for a in reversed(overrides) if tuple(loc[:len(override_path(a))]) == override_path(a)
+                           or tuple(loc) == override_path(a)[:len(loc)]), None)
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                owner = EvaluateSettings
+                for part in loc[:-1]:
+                    annotation = getattr(owner.model_fields.get(part), "annotation", None)
+                    owner = next((a for a in getattr(annotation, "__args__", (annotation,))
+                                  if hasattr(a, "model_fields")), None) or owner
+                close = difflib.get_close_matches(loc[-1], list(owner.model_fields), n=1)
+                message = "unknown key" + (f"; did you mean {close[0]!r}?" if close else
+                                           f"; allowed: {', '.join(owner.model_fields)}")
+            place = f"--set {shown(blamed)}" if blamed else "the run's evaluate stage (RUN_DIR/pipeline.yaml)"
+            errors.append(ConfigError(message, file=place, field=".".join(loc)))
+        raise ConfigErrors(errors) from None
+
+
+def flag_overrides(args) -> list[str]:
+    """`selfalign evaluate` flags as --set assignments (so they are checked and blamed the same way)."""
+    import json
+
+    overrides = []
+    if args.eval:
+        if not args.eval_format:
+            raise EvaluationError("--eval needs --eval-format (hh-rlhf or trl): how the held-out pairs are written")
+        where = {"hf": args.eval[3:]} if args.eval.startswith("hf:") else {"path": args.eval}
+        overrides.append(f"eval={json.dumps({**where, 'format': args.eval_format})}")
+    elif args.eval_format:
+        raise EvaluationError("--eval-format describes --eval's file; give --eval FILE|hf:ID too")
+    for flag, key in (("reward_model", "reward_model"), ("seeds", "seeds"), ("budget", "budget")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={json.dumps(getattr(args, flag))}")
+    return overrides
+
+
+def evaluate_run_dir(run_dir: str | Path, settings: EvaluateSettings | None = None, overrides: list[str] = (),
+                     source: EmbeddingSource | None = None, log: Callable[[str], None] = lambda m: None) \
+        -> dict[str, Any]:
+    """Evaluate a finished run: RUN_DIR/evaluate.json, and `evaluation` in its manifest. Holds the run's lock,
+    so no `selfalign run` writes the directory meanwhile."""
+    import json
+
+    from . import publish, report
+    from .atomic import write_json
+    from .check import resolve_path
+    from .runner import RunLock
+
+    run_dir = Path(run_dir)
+    data = report.load_run(run_dir)  # every stage's kept and dropped rows; refuses an unfinished run
+    run = publish.load_run(run_dir)  # the pipeline's validated stages, when its YAML still loads
+    if settings is None:
+        settings = settings_with(settings_from_run(run.stages), list(overrides))
+    pipeline_path = run.loaded.path if run.loaded is not None else run_dir / "pipeline.yaml"
+    view = RunView(run.name, run_dir, data.stages, run.stages, lambda value: resolve_path(value, pipeline_path))
+    with RunLock(run_dir):
+        result = evaluate_stages(view, settings, source=source, log=log)
+        write_json(result, run_dir / RESULT_FILE)
+        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+        manifest["evaluation"] = summary(result)
+        write_json(manifest, run_dir / "manifest.json")
+    return result
+
+
+def arms_table(result: dict[str, Any]) -> str:
+    """The arms as a plain-text table, with the differences and the arms the run could not make."""
+    held = result["held_out"]
+    lines = [f"held-out: {held['pairs']:,} human pairs ({held['name']}); budget {result['budget']:,} pairs per arm, "
+             f"{result['seeds']} seeds; reward model: {result['reward_model']['kind']}"]
+    header = ("arm", "accuracy", "95% interval", "rows", "removed", "trained on", "seed sd")
+    rows = []
+    for arm in result["arms"]:
+        if arm["available"]:
+            low, high = arm["ci"]
+            rows.append((arm["name"], f"{arm['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]", f"{arm['rows']:,}",
+                         f"{arm['overlap_removed']:,}", f"{arm['budget']:,}", f"{arm['seed_sd']:.3f}"))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)  # noqa: E731
+                              for i, (v, w) in enumerate(zip(r, widths)))
+    lines += [fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
+    for d in result["differences"]:
+        if d["available"]:
+            low, high = d["ci"]
+            lines.append(f"{d['name']}: {d['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {d['verdict']}")
+        else:
+            lines.append(f"{d['name']}: not measured ({d['why_not']})")
+    for arm in result["arms"]:
+        if not arm["available"]:
+            lines.append(f"no {arm['name']} arm: {arm['why_not']}")
+    return "\n".join(lines)
