@@ -21,6 +21,7 @@ from typing import Any
 import polars as pl
 
 from . import __version__
+from .evaluate_view import card_section
 from .trainer_formats import LENGTHS_NOTE, MARGIN_FORMATS, MARGIN_NOTE, USAGE, length_rows
 
 TAGS = ["selfalign", "preference"]  # true of every push; tags() adds the ones the pushed data supports
@@ -457,7 +458,7 @@ def card_body(inputs: CardInputs, images: dict[str, str]) -> str:
     sections = [intro, _data_source_section(inputs), _formats_section(inputs), _made_section(inputs),
                 _funnel_section(inputs),
                 _sources_section(inputs), _agreement_section(inputs), _scores_section(inputs, images),
-                _lengths_section(inputs), _examples_section(inputs)]
+                _lengths_section(inputs), card_section(inputs.manifest), _examples_section(inputs)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 

@@ -642,6 +642,6 @@ def arms_table(result: dict[str, Any]) -> str:
         else:
             lines.append(f"{d['name']}: not measured ({d['why_not']})")
     for arm in result["arms"]:
-        if not arm["available"]:
-            lines.append(f"no {arm['name']} arm: {arm['why_not']}")
+        lines.append(f"{arm['name']}: {arm['origin']}" if arm["available"] else
+                     f"no {arm['name']} arm: {arm['why_not']}")
     return "\n".join(lines)

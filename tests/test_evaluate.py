@@ -257,3 +257,23 @@ def test_validate_checks_the_evaluate_stage(data, write_pipeline):
     messages = [e.format() for e in check_pipeline(load_pipeline(path))]
     assert any("stage 5 (evaluate): eval.path: file 'missing.jsonl' not found" in m for m in messages), messages
     assert any("stage 5 (evaluate): kind: evaluate comes before stage 6 (filter)" in m for m in messages), messages
+
+
+def test_report_and_card_show_the_evaluation(data, planted_run, tmp_path):
+    from PIL import Image
+
+    from selfalign import publish
+    from selfalign.report import write_report
+
+    result = evaluate_run_dir(planted_run, overrides=eval_settings(data), source=PlantedEmbedder())
+    page = write_report(planted_run).read_text()
+    section = page.split('<section id="evaluation">')[1].split("</section>")[0]
+    assert '<img src="data:image/png;base64,' in section and 'href="#evaluation"' in page
+    assert Image.open(planted_run / "report" / "evaluation.png").size[0] > 600
+    filtered = arms(result)["filtered"]
+    assert f"<td>filtered</td><td>{filtered['accuracy']:.3f}</td>" in section
+    assert "filtered - synthetic</b>: +0.157" in section
+    card = publish.write_card(publish.load_run(planted_run), tmp_path / "card")
+    text = card.read_text()
+    assert "## Reward-model evaluation" in text
+    assert f"| filtered | {filtered['accuracy']:.3f} |" in text and "- final - human: +0.000" in text
