@@ -10,6 +10,7 @@ measured in the same run, on the same machine. Cases (see each module's docstrin
 4. resume    (case_overhead.py) re-running the finished case-1 pipeline: 0 calls, time ratio
 5. scale     (case_scale.py)    1M rows load -> filter -> export (RSS, linearity); 100k rows critique (fake)
 6. ray       (case_ray.py)      rows/s with 1 vs 2 Ray worker processes (two-node cluster on 127.0.0.x)
+7. evaluate  (case_evaluate.py) `selfalign evaluate` probe: s per 1,000 pairs, features cached vs not
 
 `--quick` shrinks every case (a few minutes in all). `--cases overhead scale` runs a subset.
 """
@@ -28,7 +29,7 @@ from typing import Any, Callable
 from .measure import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASES = ("overhead", "engine", "vllm", "scale", "ray")
+CASES = ("overhead", "engine", "vllm", "scale", "ray", "evaluate")
 
 
 def log(message: str) -> None:
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     repeats = args.repeats or (1 if quick else 2)
 
-    from . import case_engine, case_overhead, case_ray, case_scale, case_vllm
+    from . import case_engine, case_evaluate, case_overhead, case_ray, case_scale, case_vllm
 
     started = time.time()
     info = machine()
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                         critique_sizes=(2_000, 10_000) if quick else (10_000, 100_000), log=log),
         "ray": lambda: case_ray.run({"embedded": 8, "fake, 10 ms per call": 1000} if quick else None,
                                     repeats=1 if quick else repeats, log=log),
+        "evaluate": lambda: case_evaluate.run(pairs=60 if quick else 300, repeats=1, log=log),
     }
     for name in CASES:
         if name in args.cases:

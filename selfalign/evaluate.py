@@ -256,30 +256,45 @@ def read_eval_data(data: EvalData, resolve: Callable[[str], Path]) -> pl.DataFra
 
 @dataclass
 class Pool:
-    """An arm's training rows once every prompt of the held-out pairs is taken out."""
+    """An arm's training rows, none of which shares a prompt with a held-out pair."""
 
     arm: Arm
     rows: pl.DataFrame           # prompt, chosen, rejected, _prompt, _pair
-    overlap: int                 # rows removed because their prompt is a held-out prompt
+    shared: int                  # the arm's rows whose prompt is also a held-out prompt
+    removed: int                 # of those, removed from the training rows (all with the run's own split)
 
 
-def disjoint_pools(arms: list[Arm], held_out: pl.DataFrame) -> list[Pool]:
-    """Remove every training row whose prompt is a held-out prompt, count them, and check that none is left."""
-    held = set(with_prompt_keys(held_out)["_prompt"].to_list())
+def make_disjoint(arms: list[Arm], held_out: pl.DataFrame, remove_from: Literal["arms", "held_out"]) \
+        -> tuple[list[Pool], pl.DataFrame, int]:
+    """Make every arm's training rows prompt-disjoint from the held-out pairs, and check it.
+
+    With the run's own split (`remove_from="arms"`) the rows sharing a held-out prompt leave every arm (the
+    held-out pairs are the run's own rows). With an eval: dataset (`"held_out"`) the eval pairs sharing a prompt
+    with any arm's rows leave the held-out set instead: the arms stay what the run made, and every arm is scored
+    on the same pairs. Returns (pools, held-out pairs, held-out pairs removed)."""
+    keyed_arms = [(arm, with_prompt_keys(arm.frame)) for arm in arms if arm.frame is not None]
+    held = with_prompt_keys(held_out)
+    removed_held = 0
+    if remove_from == "held_out":
+        training = set().union(*(set(keyed["_prompt"].to_list()) for _, keyed in keyed_arms))
+        clean = held.filter(~pl.col("_prompt").is_in(list(training)))
+        removed_held = held.height - clean.height
+    else:
+        clean = held
+    held_keys = set(held["_prompt"].to_list())
+    clean_keys = set(clean["_prompt"].to_list())
     pools = []
-    for arm in arms:
-        if arm.frame is None:
-            continue
-        keyed = with_prompt_keys(arm.frame)
-        rows = keyed.filter(~pl.col("_prompt").is_in(list(held)))
-        left = set(rows["_prompt"].to_list()) & held
+    for arm, keyed in keyed_arms:
+        shared = keyed.filter(pl.col("_prompt").is_in(list(held_keys))).height
+        rows = keyed.filter(~pl.col("_prompt").is_in(list(clean_keys)))
+        left = set(rows["_prompt"].to_list()) & clean_keys
         if left:  # cannot happen; the check is the promise, so it is made, not assumed
             raise RuntimeError(f"arm {arm.name}: {len(left)} held-out prompts are still in the training rows")
         rows = rows.with_columns(_pair=pl.Series(
             [hashlib.sha256(f"{p}\0{c}\0{r}".encode()).hexdigest() for p, c, r in
              rows.select("_prompt", "chosen", "rejected").iter_rows()], dtype=pl.Utf8))
-        pools.append(Pool(arm, rows, keyed.height - rows.height))
-    return pools
+        pools.append(Pool(arm, rows, shared, keyed.height - rows.height))
+    return pools, clean.drop("_prompt"), removed_held
 
 
 def draw(rows: pl.DataFrame, budget: int, seed: int) -> pl.DataFrame:
@@ -377,7 +392,11 @@ def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: Embedd
                     place: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the run's arms; returns what evaluate.json holds. `source` replaces the configured embedding
     source (tests); `place` (file, line, stage, kind) makes errors point at the evaluate stage's YAML."""
+    import importlib.util
+
     started = time.perf_counter()
+    if settings.reward_model == "probe" and importlib.util.find_spec("sklearn") is None:
+        raise _error("reward_model: probe needs scikit-learn: pip install 'selfalign[evaluate]'", place)
     has_export = any(getattr(s, "kind", None) == "export" for s in view.stage_configs or []) \
         or any(kind == "export" for _, kind, _, _ in view.stages)
     arms = make_arms(view.stages, has_export)
@@ -400,12 +419,16 @@ def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: Embedd
         raise _error(f"no held-out pairs ({held_source['name']} gives none of {by_name['human'].frame.height if by_name['human'].frame is not None else 0:,} human pairs); "
                      "raise `holdout:` or give `eval:` with held-out human pairs", place)
 
-    pools = disjoint_pools(arms, held_out)
+    pools, held_out, removed_held = make_disjoint(arms, held_out, "held_out" if settings.eval else "arms")
+    held_source["removed_sharing_a_training_prompt"] = removed_held
+    if held_out.height == 0:
+        raise _error(f"every one of the {removed_held:,} held-out pairs shares a prompt with the run's training rows; "
+                     "give `eval:` pairs from another split (e.g. the test split of the data the run read)", place)
     usable = [pool for pool in pools if pool.rows.height > 0]
     for pool in pools:
         if pool.rows.height == 0:
-            pool.arm.why_not = (f"no training rows left: all {pool.overlap:,} share a prompt with the held-out pairs"
-                                if pool.overlap else "the arm has no rows")
+            pool.arm.why_not = (f"no training rows left: all {pool.removed:,} share a prompt with the held-out pairs"
+                                if pool.removed else "the arm has no rows")
     if settings.budget is not None:
         budget = settings.budget
         for pool in usable:
@@ -457,7 +480,7 @@ def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: Embedd
                                "rows": arm.frame.height if arm.frame is not None else 0}
         pool = pool_of.get(arm.name)
         if pool is not None:
-            row.update(overlap_removed=pool.overlap, training_rows=pool.rows.height)
+            row.update(sharing_a_held_out_prompt=pool.shared, removed=pool.removed, training_rows=pool.rows.height)
         if arm.name in per_pair:
             low, high = bootstrap_interval(per_pair[arm.name], resamples)
             seed_accuracy = correct[arm.name].mean(axis=1)
@@ -508,7 +531,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "held_out": result["held_out"],
         "budget": result["budget"],
         "seeds": result["seeds"],
-        "arms": {arm["name"]: ({k: arm.get(k) for k in ("accuracy", "ci", "training_rows", "overlap_removed")}
+        "arms": {arm["name"]: ({k: arm.get(k) for k in ("accuracy", "ci", "training_rows", "budget")}
                                if arm["available"] else {"why_not": arm["why_not"]}) for arm in result["arms"]},
         "differences": {d["name"]: ({k: d[k] for k in ("difference", "ci", "verdict")} if d["available"]
                                     else {"why_not": d["why_not"]}) for d in result["differences"]},
@@ -619,18 +642,29 @@ def evaluate_run_dir(run_dir: str | Path, settings: EvaluateSettings | None = No
     return result
 
 
+def disjointness_note(result: dict[str, Any]) -> str:
+    """One sentence on how the held-out pairs were kept apart from the training rows."""
+    held = result["held_out"]
+    if held["kind"] == "eval":
+        return (f"{held['removed_sharing_a_training_prompt']:,} eval pairs shared a prompt with the run's rows and were "
+                "left out of the held-out pairs; every arm trains on its own rows")
+    return "rows sharing a prompt with a held-out pair were taken out of every arm's training rows"
+
+
 def arms_table(result: dict[str, Any]) -> str:
-    """The arms as a plain-text table, with the differences and the arms the run could not make."""
+    """The arms as a plain-text table, with the differences and where each arm comes from (or why not)."""
     held = result["held_out"]
     lines = [f"held-out: {held['pairs']:,} human pairs ({held['name']}); budget {result['budget']:,} pairs per arm, "
-             f"{result['seeds']} seeds; reward model: {result['reward_model']['kind']}"]
-    header = ("arm", "accuracy", "95% interval", "rows", "removed", "trained on", "seed sd")
+             f"{result['seeds']} seeds; reward model: {result['reward_model']['kind']}",
+             f"prompt-disjoint: {disjointness_note(result)}"]
+    header = ("arm", "accuracy", "95% interval", "seed sd", "rows", "shared prompt", "training rows", "trained on")
     rows = []
     for arm in result["arms"]:
         if arm["available"]:
             low, high = arm["ci"]
-            rows.append((arm["name"], f"{arm['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]", f"{arm['rows']:,}",
-                         f"{arm['overlap_removed']:,}", f"{arm['budget']:,}", f"{arm['seed_sd']:.3f}"))
+            rows.append((arm["name"], f"{arm['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]", f"{arm['seed_sd']:.3f}",
+                         f"{arm['rows']:,}", f"{arm['sharing_a_held_out_prompt']:,}", f"{arm['training_rows']:,}",
+                         f"{arm['budget']:,}"))
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)  # noqa: E731
                               for i, (v, w) in enumerate(zip(r, widths)))

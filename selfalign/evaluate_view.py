@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .evaluate import RESULT_FILE, evaluation_of
+from .evaluate import RESULT_FILE, disjointness_note, evaluation_of
 
 # Okabe-Ito, as plots.py: arms in one colour each, the same in every plot.
 COLOURS = {"human": "#0072B2", "synthetic": "#D55E00", "filtered": "#009E73", "final": "#CC79A7"}
@@ -99,18 +99,19 @@ def report_sections(run_dir: Path) -> list[tuple[str, str, str]]:
     parts = [f"<p>{_esc(HOW_TO_READ)}</p>",
              f'<img src="data:image/png;base64,{image}" alt="reward-model accuracy per arm" data-file="{png.name}">',
              f"<p>Held out: {held['pairs']:,} human pairs ({_esc(held['name'])}), prompt-disjoint from every arm's "
-             f"training rows. Budget {result['budget']:,} pairs per arm, {result['seeds']} seeds, "
+             f"training rows ({_esc(disjointness_note(result))}). Budget {result['budget']:,} pairs per arm, {result['seeds']} seeds, "
              f"{result['bootstrap']:,} bootstrap resamples. Reward model: <code>{_esc(result['reward_model']['kind'])}"
              "</code>.</p>"]
-    head = ["arm", "accuracy", "95% interval", "seed sd", "rows", "sharing a held-out prompt (removed)",
+    head = ["arm", "accuracy", "95% interval", "seed sd", "rows", "sharing a held-out prompt", "training rows",
             "trained on", "made from"]
     rows = []
     for arm in result["arms"]:
         if arm["available"]:
             rows.append([arm["name"], f"{arm['accuracy']:.3f}", _interval(arm["ci"]), f"{arm['seed_sd']:.3f}",
-                         f"{arm['rows']:,}", f"{arm['overlap_removed']:,}", f"{arm['budget']:,}", arm["origin"]])
+                         f"{arm['rows']:,}", f"{arm['sharing_a_held_out_prompt']:,}", f"{arm['training_rows']:,}",
+                         f"{arm['budget']:,}", arm["origin"]])
         else:
-            rows.append([arm["name"], "-", "-", "-", f"{arm['rows']:,}", "-", "-", f"not made: {arm['why_not']}"])
+            rows.append([arm["name"], "-", "-", "-", f"{arm['rows']:,}", "-", "-", "-", f"not made: {arm['why_not']}"])
     parts.append("<table><thead><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in head) + "</tr></thead><tbody>"
                  + "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>" for row in rows)
                  + "</tbody></table>")
@@ -134,14 +135,15 @@ def card_section(manifest: dict[str, Any]) -> str:
     rows, missing = [], []
     for name, arm in evaluation["arms"].items():
         if "accuracy" in arm:
-            rows.append(f"| {name} | {arm['accuracy']:.3f} | {_interval(arm['ci'])} | {arm['training_rows']:,} |")
+            rows.append(f"| {name} | {arm['accuracy']:.3f} | {_interval(arm['ci'])} | {arm['budget']:,} of "
+                        f"{arm['training_rows']:,} |")
         else:
             missing.append(f"no {name} arm: {arm['why_not']}")
     lines = ["## Reward-model evaluation",
              f"A `{evaluation['reward_model']}` reward model was trained on each arm with the same budget "
              f"({evaluation['budget']:,} pairs, {evaluation['seeds']} seeds) and scored on {held['pairs']:,} held-out "
              f"human pairs ({held['name']}), prompt-disjoint from the training rows; 95% bootstrap intervals.", "",
-             "| arm | accuracy | 95% interval | training rows |", "| --- | --- | --- | --- |", *rows, ""]
+             "| arm | accuracy | 95% interval | trained on (of training rows) |", "| --- | --- | --- | --- |", *rows, ""]
     for name, d in evaluation["differences"].items():
         lines.append(f"- {name}: {d['difference']:+.3f} {_interval(d['ci'], True)}, {d['verdict']}" if "difference" in d
                      else f"- {name}: not measured ({d['why_not']})")

@@ -7,6 +7,9 @@ kind-b pair: the critic prefers the human-rejected answer); the planted embeddin
 - human (every label right) and final (the filtered a pairs + correct b pairs mixed in): every pair right, 1.0;
 - synthetic (the critic's labels: b pairs reversed): learns b backwards, so only the a pairs: A / (A + B);
 - filtered (consistency keeps only a pairs): no b weight at all, ties on b pairs: (A + B / 2) / (A + B).
+
+With 70 a and 30 b held-out pairs: 1.0, 1.0, 0.7 and 0.85. Five more eval pairs reuse training prompts (with
+other capitals and spaces): they must be found and left out.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from selfalign.backends.fake import FakeBackend
 from selfalign.cli import main
 from selfalign.config import load_pipeline
 from selfalign.errors import ConfigErrors
-from selfalign.evaluate import EvaluateSettings, disjoint_pools, evaluate_run_dir, prompt_key
+from selfalign.evaluate import EvaluateSettings, evaluate_run_dir, make_disjoint, prompt_key
 from selfalign.runner import run_pipeline
 from selfalign.trainer_formats import prompt_bucket
 from tests.support.planted_embeddings import EmbeddingsServer, PlantedEmbedder
@@ -106,8 +109,9 @@ def test_planted_signal_gives_the_known_accuracies_and_order(data, planted_run):
     source = PlantedEmbedder()
     result = evaluate_run_dir(planted_run, overrides=eval_settings(data), source=source)
     by_name = arms(result)
-    held_a, held_b = EVAL_A + 2, EVAL_B + 3  # the overlapping eval pairs count too: prompts 3, 4 are a; 0-2 b
+    held_a, held_b = EVAL_A, EVAL_B  # the eval pairs that share a training prompt are left out
     assert result["held_out"]["pairs"] == held_a + held_b
+    assert result["held_out"]["removed_sharing_a_training_prompt"] == OVERLAP
     assert by_name["human"]["accuracy"] == 1.0
     assert by_name["final"]["accuracy"] == 1.0
     assert by_name["synthetic"]["accuracy"] == round(held_a / (held_a + held_b), 4)
@@ -115,16 +119,17 @@ def test_planted_signal_gives_the_known_accuracies_and_order(data, planted_run):
     order = sorted(by_name, key=lambda name: by_name[name]["accuracy"])
     assert order[:2] == ["synthetic", "filtered"]
 
-    # Same budget for every arm: the smallest pool (the filtered a pairs less the two that share a prompt).
+    # Same budget for every arm: the smallest arm (the filtered a pairs); an eval keeps the arms whole.
     filtered_rows = sum(kind(i) == "a" for i in range(TRAIN_PAIRS))
-    assert {a["budget"] for a in by_name.values()} == {filtered_rows - 2}
+    assert {a["budget"] for a in by_name.values()} == {filtered_rows}
     assert by_name["human"]["rows"] == TRAIN_PAIRS and by_name["filtered"]["rows"] == filtered_rows
     assert by_name["final"]["rows"] == filtered_rows + EXTRA_B
-    assert {name: a["overlap_removed"] for name, a in by_name.items()} == {
-        "human": OVERLAP, "synthetic": OVERLAP, "filtered": 2, "final": 2}
+    assert {name: (a["sharing_a_held_out_prompt"], a["removed"], a["training_rows"]) for name, a in by_name.items()} \
+        == {"human": (OVERLAP, 0, TRAIN_PAIRS), "synthetic": (OVERLAP, 0, TRAIN_PAIRS),
+            "filtered": (2, 0, filtered_rows), "final": (2, 0, filtered_rows + EXTRA_B)}
 
     differences = {d["name"]: d for d in result["differences"]}
-    assert differences["filtered - synthetic"]["difference"] == round(held_b / 2 / (held_a + held_b), 4)
+    assert differences["filtered - synthetic"]["difference"] == 0.15
     low, high = differences["filtered - synthetic"]["ci"]
     assert 0 < low < differences["filtered - synthetic"]["difference"] < high
     assert differences["filtered - synthetic"]["verdict"] == "higher"
@@ -146,13 +151,20 @@ def test_training_rows_are_prompt_disjoint_from_the_held_out_pairs(data, planted
     arm_list = evaluate.make_arms(run.stages, has_export=True)
     held_out = evaluate.read_eval_data(EvaluateSettings.model_validate(
         {"eval": {"path": str(data["eval"]), "format": "trl"}}).eval, Path)
-    pools = disjoint_pools(arm_list, held_out)
-    held = {prompt_key(p) for p in held_out["prompt"].to_list()}
-    for pool in pools:
-        training = {prompt_key(p) for p in pool.rows["prompt"].to_list()}
-        assert not training & held, pool.arm.name
-        assert pool.rows.height + pool.overlap == pool.arm.frame.height
-    assert {pool.arm.name: pool.overlap for pool in pools} == {"human": 5, "synthetic": 5, "filtered": 2, "final": 2}
+    assert held_out.height == EVAL_A + EVAL_B + OVERLAP
+    for remove_from in ("held_out", "arms"):
+        pools, clean, removed = make_disjoint(arm_list, held_out, remove_from)
+        held = {prompt_key(p) for p in clean["prompt"].to_list()}
+        for pool in pools:
+            training = {prompt_key(p) for p in pool.rows["prompt"].to_list()}
+            assert not training & held, (remove_from, pool.arm.name)
+            assert pool.rows.height + pool.removed == pool.arm.frame.height
+        assert {pool.arm.name: pool.shared for pool in pools} == {"human": 5, "synthetic": 5, "filtered": 2, "final": 2}
+        if remove_from == "held_out":  # the eval loses its 5 pairs, the arms keep every row
+            assert (removed, clean.height) == (OVERLAP, EVAL_A + EVAL_B) and not any(p.removed for p in pools)
+        else:  # the arms lose the rows, the held-out pairs stay
+            assert (removed, clean.height) == (0, held_out.height)
+            assert {p.arm.name: p.removed for p in pools} == {"human": 5, "synthetic": 5, "filtered": 2, "final": 2}
 
 
 def test_own_split_holds_out_the_human_prompts_export_tests_on(data, planted_run, tmp_path):
@@ -162,7 +174,8 @@ def test_own_split_holds_out_the_human_prompts_export_tests_on(data, planted_run
     expected = [row for row in human if prompt_bucket([{"role": "user", "content": row["prompt"]}]) < 0.2]
     assert result["held_out"]["pairs"] == len(expected) > 0
     by_name = arms(result)
-    assert by_name["human"]["overlap_removed"] == len(expected)
+    assert by_name["human"]["removed"] == by_name["human"]["sharing_a_held_out_prompt"] == len(expected)
+    assert by_name["human"]["training_rows"] == TRAIN_PAIRS - len(expected)
     # every human pair export put in its test split is held out (the mixed-in pairs are not human pairs)
     test_rows = pl.read_parquet(planted_run / "export" / "trl" / "test.parquet").filter(pl.col("source") == "human")
     exported_test = {prompt_key(p) for p in test_rows["prompt"].to_list()}
@@ -193,7 +206,7 @@ def test_evaluate_stage_with_an_openai_embeddings_endpoint(data, tmp_path):
     evaluation = evaluate.evaluation_of(manifest)
     assert evaluation == evaluate.evaluation_of(again)
     assert evaluation["arms"]["human"]["accuracy"] == 1.0
-    assert evaluation["arms"]["synthetic"]["accuracy"] == round((EVAL_A + 2) / (EVAL_A + EVAL_B + OVERLAP), 4)
+    assert evaluation["arms"]["synthetic"]["accuracy"] == EVAL_A / (EVAL_A + EVAL_B)
     result = json.loads((tmp_path / "staged" / "evaluate.json").read_text())
     assert result["features"]["source"] == {"source": "openai", "base_url": server.url, "model": "planted"}
     assert manifest["rows"][-1]["kind"] == "evaluate" and manifest["rows"][-1]["out"] == manifest["rows"][-2]["out"]
@@ -205,8 +218,10 @@ def test_cli_prints_the_arms_table(data, planted_run, capsys, monkeypatch):
                  "--quiet"])
     out = capsys.readouterr().out
     assert code == 0
-    assert re.search(r"^human\s+1\.000\s+\[1\.000, 1\.000\]\s+200\s+5\s+138", out, re.M), out
-    assert "filtered - synthetic: +0.157" in out and "higher" in out
+    assert re.search(r"^human\s+1\.000\s+\[1\.000, 1\.000\]\s+0\.000\s+200\s+5\s+200\s+140$", out, re.M), out
+    assert re.search(r"^synthetic\s+0\.700\s+\[0\.6\d\d, 0\.7\d\d\]", out, re.M), out
+    assert "filtered - synthetic: +0.150" in out and "higher" in out
+    assert "5 eval pairs shared a prompt with the run's rows and were left out" in out
     assert "final - human: +0.000" in out
 
 
@@ -272,7 +287,7 @@ def test_report_and_card_show_the_evaluation(data, planted_run, tmp_path):
     assert Image.open(planted_run / "report" / "evaluation.png").size[0] > 600
     filtered = arms(result)["filtered"]
     assert f"<td>filtered</td><td>{filtered['accuracy']:.3f}</td>" in section
-    assert "filtered - synthetic</b>: +0.157" in section
+    assert "filtered - synthetic</b>: +0.150" in section
     card = publish.write_card(publish.load_run(planted_run), tmp_path / "card")
     text = card.read_text()
     assert "## Reward-model evaluation" in text
