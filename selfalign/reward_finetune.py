@@ -11,6 +11,7 @@ Runs on a GPU when there is one (`device: auto`), else on the CPU (a tiny model 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,26 @@ import numpy as np
 import polars as pl
 
 from .errors import RunError
+
+
+@contextlib.contextmanager
+def quiet_libraries():
+    """No progress bars from datasets (tokenizing) and transformers (loading weights) for the duration: the
+    evaluation logs its own progress, and --quiet means quiet. Both switches are global, so they are put back."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging
+
+    datasets_was_off = are_progress_bars_disabled()
+    transformers_was_on = logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not datasets_was_off:
+            enable_progress_bars()
+        if transformers_was_on:
+            logging.enable_progress_bar()
 
 
 class FinetuneModel:
@@ -67,6 +88,7 @@ class FinetuneModel:
         import datasets
         import torch
         from transformers import AutoModelForSequenceClassification
+        from transformers.trainer_callback import PrinterCallback
         from trl import RewardConfig, RewardTrainer
 
         device = self._device()
@@ -81,9 +103,12 @@ class FinetuneModel:
                                 max_length=self.settings.max_length, use_cpu=device == "cpu", report_to=[],
                                 save_strategy="no", logging_steps=max(1, self.settings.steps // 4),
                                 disable_tqdm=True)
-            trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(self._rows(train)),
-                                    processing_class=self.tokenizer)
-            trainer.train()
+            with quiet_libraries():
+                trainer = RewardTrainer(model=model, args=args,
+                                        train_dataset=datasets.Dataset.from_list(self._rows(train)),
+                                        processing_class=self.tokenizer)
+                trainer.remove_callback(PrinterCallback)  # it prints every log dict on stdout
+                trainer.train()
         model = trainer.model.eval()
         out = []
         with torch.no_grad():

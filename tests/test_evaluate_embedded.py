@@ -99,7 +99,7 @@ def test_probe_on_the_embedded_model_runs_resumes_for_free_and_is_honest(hh_run,
 
 
 @pytest.mark.slow
-def test_finetune_trains_a_tiny_reward_model_on_cpu(hh_run, tmp_path):
+def test_finetune_trains_a_tiny_reward_model_on_cpu(hh_run, tmp_path, capfd):
     pytest.importorskip("trl")
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
@@ -117,13 +117,16 @@ def test_finetune_trains_a_tiny_reward_model_on_cpu(hh_run, tmp_path):
     tokenizer.save_pretrained(folder)
 
     finetune = {"model": str(folder), "steps": 4, "batch_size": 4, "max_length": 256, "learning_rate": 1e-3}
-    settings = ["reward_model=finetune", f"finetune={json.dumps(finetune)}", "seeds=2", "holdout=0.25", "budget=40"]
+    settings = ["reward_model=finetune", f"finetune={json.dumps(finetune)}", "seeds=2", "holdout=0.25"]
     result = evaluate.evaluate_run_dir(hh_run, overrides=settings)
     assert result["reward_model"]["kind"] == "finetune" and result["reward_model"]["steps"] == 4
     assert result["features"] is None
     by_name = {arm["name"]: arm for arm in result["arms"]}
-    assert all(by_name[name]["available"] and by_name[name]["budget"] == 40 for name in evaluate.ARMS)
+    assert all(by_name[name]["available"] for name in evaluate.ARMS)
+    assert len({arm["budget"] for arm in by_name.values()}) == 1
     for arm in by_name.values():
         assert arm["ci"][0] <= arm["accuracy"] <= arm["ci"][1]
         assert len(arm["seed_accuracies"]) == 2
     assert not list(hh_run.glob(".finetune-*"))  # the trainer's scratch folders are gone
+    out, err = capfd.readouterr()
+    assert "train_runtime" not in out and "Tokenizing" not in err  # no library chatter
