@@ -372,6 +372,7 @@ class RunView:
     stages: list[Stage]
     stage_configs: list[Any] | None       # the pipeline's validated stages, when known
     resolve: Callable[[str], Path] = Path
+    state: dict[str, Any] | None = None   # run_state() of the rows evaluated
 
 
 def _export_test_size(configs: list[Any] | None) -> float | None:
@@ -385,6 +386,16 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 def _error(message: str, place: dict[str, Any] | None) -> SelfalignError:
     return ConfigError(message, **place) if place else EvaluationError(message)
+
+
+def run_state(config_sha256: str | None, rows_out: int) -> dict[str, Any]:
+    """What the evaluation was made from, to tell a stale evaluate.json (the run was re-run since) from a current
+    one: the pipeline's config hash and the run's final row count, as the manifest records them."""
+    return {"config_sha256": config_sha256, "rows_out": rows_out}
+
+
+def is_current(result: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    return result.get("run_state") == run_state(manifest.get("config_sha256"), manifest.get("rows_out"))
 
 
 def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: EmbeddingSource | None = None,
@@ -416,8 +427,10 @@ def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: Embedd
                        "name": f"the run's own split: human prompts whose hash is below {holdout:g}"}
     held_out = _pairs(held_out)
     if held_out.height == 0:
-        raise _error(f"no held-out pairs ({held_source['name']} gives none of {by_name['human'].frame.height if by_name['human'].frame is not None else 0:,} human pairs); "
-                     "raise `holdout:` or give `eval:` with held-out human pairs", place)
+        fix = ("give `eval:` pairs with chosen and rejected answers" if settings.eval else
+               f"none of the {by_name['human'].frame.height:,} human prompts hashes below {held_source['holdout']:g}; "
+               "raise `holdout:` (e.g. --set holdout=0.3), read more rows, or give `eval:` with held-out pairs")
+        raise _error(f"no held-out pairs ({held_source['name']}): {fix}", place)
 
     pools, held_out, removed_held = make_disjoint(arms, held_out, "held_out" if settings.eval else "arms")
     held_source["removed_sharing_a_training_prompt"] = removed_held
@@ -509,6 +522,7 @@ def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: Embedd
     return {
         "schema_version": 1,
         "run": view.name,
+        "run_state": view.state,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "reward_model": reward_model,
         "held_out": {**held_source, "pairs": held_out.height},
@@ -632,7 +646,8 @@ def evaluate_run_dir(run_dir: str | Path, settings: EvaluateSettings | None = No
     if settings is None:
         settings = settings_with(settings_from_run(run.stages), list(overrides))
     pipeline_path = run.loaded.path if run.loaded is not None else run_dir / "pipeline.yaml"
-    view = RunView(run.name, run_dir, data.stages, run.stages, lambda value: resolve_path(value, pipeline_path))
+    view = RunView(run.name, run_dir, data.stages, run.stages, lambda value: resolve_path(value, pipeline_path),
+                   run_state(data.manifest.get("config_sha256"), data.manifest.get("rows_out")))
     with RunLock(run_dir):
         result = evaluate_stages(view, settings, source=source, log=log)
         write_json(result, run_dir / RESULT_FILE)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .evaluate import RESULT_FILE, disjointness_note, evaluation_of
+from .evaluate import RESULT_FILE, disjointness_note, evaluation_of, is_current
 
 # Okabe-Ito, as plots.py: arms in one colour each, the same in every plot.
 COLOURS = {"human": "#0072B2", "synthetic": "#D55E00", "filtered": "#009E73", "final": "#CC79A7"}
@@ -87,16 +87,20 @@ def _interval(values: list[float], signed: bool = False) -> str:
     return f"[{values[0]:+.3f}, {values[1]:+.3f}]" if signed else f"[{values[0]:.3f}, {values[1]:.3f}]"
 
 
-def report_sections(run_dir: Path) -> list[tuple[str, str, str]]:
+def report_sections(run_dir: Path, manifest: dict[str, Any]) -> list[tuple[str, str, str]]:
     """The report's (id, title, html) for RUN_DIR/evaluate.json, with its plot in report/evaluation.png;
     nothing when the run was not evaluated."""
     result = read_result(run_dir)
     if result is None:
         return []
+    stale = "" if is_current(result, manifest) else (
+        "<p class=note>This evaluation was made before the run's latest <code>selfalign run</code> (its config or "
+        f"row count differ): run <code>selfalign evaluate {_esc(run_dir)}</code> again for numbers about these rows."
+        "</p>")
     png = plot_evaluation(result, Path(run_dir) / "report" / "evaluation.png")
     image = base64.b64encode(png.read_bytes()).decode("ascii")
     held = result["held_out"]
-    parts = [f"<p>{_esc(HOW_TO_READ)}</p>",
+    parts = [stale, f"<p>{_esc(HOW_TO_READ)}</p>",
              f'<img src="data:image/png;base64,{image}" alt="reward-model accuracy per arm" data-file="{png.name}">',
              f"<p>Held out: {held['pairs']:,} human pairs ({_esc(held['name'])}), prompt-disjoint from every arm's "
              f"training rows ({_esc(disjointness_note(result))}). Budget {result['budget']:,} pairs per arm, {result['seeds']} seeds, "

@@ -418,7 +418,7 @@ def build_html(run: RunData, rendered: list[Plot]) -> str:
     if lengths:
         sections.append(("lengths", "Sequence lengths", lengths))
     from .evaluate_view import report_sections
-    sections.extend(report_sections(run.run_dir))  # the reward-model evaluation, when the run has one
+    sections.extend(report_sections(run.run_dir, run.manifest))  # the reward-model evaluation, when there is one
     sections.append(("samples", "Sample pairs", _samples_html(run)))
     nav = "".join(f'<a href="#{sid}">{esc(NAV.get(sid, title))}</a>' for sid, title, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>' for sid, title, content in sections)

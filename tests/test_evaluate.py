@@ -288,7 +288,21 @@ def test_report_and_card_show_the_evaluation(data, planted_run, tmp_path):
     filtered = arms(result)["filtered"]
     assert f"<td>filtered</td><td>{filtered['accuracy']:.3f}</td>" in section
     assert "filtered - synthetic</b>: +0.150" in section
+    assert "made before the run's latest" not in section
     card = publish.write_card(publish.load_run(planted_run), tmp_path / "card")
     text = card.read_text()
     assert "## Reward-model evaluation" in text
     assert f"| filtered | {filtered['accuracy']:.3f} |" in text and "- final - human: +0.000" in text
+
+
+def test_the_report_says_when_the_evaluation_is_older_than_the_run(data, tmp_path):
+    from selfalign.report import write_report
+
+    run_dir = tmp_path / "rerun"
+    run_planted(data, run_dir)
+    evaluate_run_dir(run_dir, overrides=eval_settings(data, sets=["seeds=1"]), source=PlantedEmbedder())
+    pipeline = data["base"] / "rerun.yaml"  # the same pipeline with another split: other rows in the run
+    run_pipeline(load_pipeline(pipeline, ["stages.4.test_size=0.3"]), output=run_dir, quiet=True,
+                 backend_overrides={"critic": FakeBackend(responder=critic)})
+    assert "evaluation" not in json.loads((run_dir / "manifest.json").read_text())
+    assert "made before the run's latest <code>selfalign run</code>" in write_report(run_dir).read_text()

@@ -20,7 +20,7 @@ from typing import Literal
 
 import polars as pl
 
-from ..evaluate import RESULT_FILE, EvaluateSettings, RunView, evaluate_stages, summary
+from ..evaluate import RESULT_FILE, EvaluateSettings, RunView, evaluate_stages, run_state, summary
 from .base import StageConfig, StageOutput
 
 # Stages that may follow an evaluate: they do not change the rows it measured.
@@ -89,7 +89,10 @@ def run(df: pl.DataFrame, config: EvaluateConfig, ctx) -> StageOutput:
 
     stages = ctx.loaded.pipeline.stages
     index = next(i for i, stage in enumerate(stages) if stage is config)
-    view = RunView(ctx.loaded.pipeline.name, ctx.run_dir, _earlier_stages(ctx, index), stages, ctx.resolve)
+    from ..runner import config_hash
+
+    view = RunView(ctx.loaded.pipeline.name, ctx.run_dir, _earlier_stages(ctx, index), stages, ctx.resolve,
+                   run_state(config_hash(ctx.loaded), df.height))
     place = {**ctx.loaded.place("stages", index), "stage": index, "kind": "evaluate"}
     result = evaluate_stages(view, config.settings(), log=ctx.progress.log, place=place)
     write_json(result, ctx.run_dir / RESULT_FILE)
