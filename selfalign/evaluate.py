@@ -398,6 +398,97 @@ def is_current(result: dict[str, Any], manifest: dict[str, Any]) -> bool:
     return result.get("run_state") == run_state(manifest.get("config_sha256"), manifest.get("rows_out"))
 
 
+def held_out_pairs(view: RunView, settings: EvaluateSettings, human: pl.DataFrame | None,
+                   place: dict[str, Any] | None) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The held-out human pairs (the eval: dataset or the run's own split) and how they were chosen."""
+    if settings.eval is not None:
+        held_out, how = read_eval_data(settings.eval, view.resolve), {"kind": "eval", "name": settings.eval.describe()}
+    else:
+        if human is None:
+            raise _error("this run has no human pairs to hold out; give `eval:` (held-out human preference pairs, "
+                         "e.g. eval: {path: heldout.jsonl, format: hh-rlhf}, or --eval FILE --eval-format F)", place)
+        holdout = settings.holdout or _export_test_size(view.stage_configs) or DEFAULT_HOLDOUT
+        held_out = own_split(human, holdout)
+        how = {"kind": "split", "holdout": holdout,
+               "name": f"the run's own split: human prompts whose hash is below {holdout:g}"}
+    held_out = _pairs(held_out)
+    if held_out.height == 0:
+        fix = ("give `eval:` pairs with chosen and rejected answers" if settings.eval else
+               f"none of the {human.height:,} human prompts hashes below {how['holdout']:g}; raise `holdout:` "
+               "(e.g. --set holdout=0.3), read more rows, or give `eval:` with held-out pairs")
+        raise _error(f"no held-out pairs ({how['name']}): {fix}", place)
+    return held_out, how
+
+
+def training_budget(pools: list[Pool], settings: EvaluateSettings, place: dict[str, Any] | None) \
+        -> tuple[list[Pool], int]:
+    """The pools that can train at one budget for all (`budget:`, else the smallest pool), and that budget; the
+    others get their reason in `arm.why_not`."""
+    for pool in pools:
+        if pool.rows.height == 0:
+            pool.arm.why_not = (f"no training rows left: all {pool.removed:,} share a prompt with the held-out pairs"
+                                if pool.removed else "the arm has no rows")
+    usable = [pool for pool in pools if pool.rows.height > 0]
+    budget = settings.budget if settings.budget is not None else min((p.rows.height for p in usable), default=0)
+    for pool in usable:
+        if pool.rows.height < budget:
+            pool.arm.why_not = f"{pool.rows.height:,} training rows, fewer than budget {budget:,}; lower `budget:`"
+    usable = [pool for pool in usable if pool.rows.height >= budget]
+    if not usable:
+        reasons = "; ".join(f"{pool.arm.name}: {pool.arm.why_not}" for pool in pools if pool.arm.why_not)
+        raise _error(f"no arm can be trained ({reasons or 'the run made no pairs'})", place)
+    return usable, budget
+
+
+def reward_model_for(view: RunView, settings: EvaluateSettings, texts_of: list[pl.DataFrame],
+                     source: EmbeddingSource | None, log: Callable[[str], None]):
+    """The reward model to fit per arm and seed (`.scores(train, held_out, seed)`), and the feature stats (the
+    probe's features are computed here, for every frame in `texts_of`, from the cache where they are)."""
+    if settings.reward_model == "finetune":
+        from .reward_finetune import FinetuneModel
+
+        return FinetuneModel(settings.finetune, view.resolve, view.run_dir, log), None
+    source = source or embedder_for(settings.embedding, view.resolve)
+    probe, stats = ProbeModel(settings.probe, {}), FeatureStats()
+    cache = FeatureCache(view.run_dir / FEATURES_FILE)
+    try:
+        probe.vectors = features([text for frame in texts_of for text in probe.texts(frame)], source, cache, stats,
+                                 log=log)
+    finally:
+        cache.close()
+        source.close()
+    return probe, stats
+
+
+def _arm_entry(arm: Arm, pool: Pool | None, correct: np.ndarray | None, budget: int,
+               resamples: np.ndarray) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": arm.name, "origin": arm.origin, "available": correct is not None,
+                             "why_not": None if correct is not None else arm.why_not,
+                             "rows": arm.frame.height if arm.frame is not None else 0}
+    if pool is not None:
+        entry.update(sharing_a_held_out_prompt=pool.shared, removed=pool.removed, training_rows=pool.rows.height)
+    if correct is not None:
+        per_pair, per_seed = correct.mean(axis=0), correct.mean(axis=1)
+        low, high = bootstrap_interval(per_pair, resamples)
+        entry.update(budget=budget, accuracy=_round(per_pair.mean()), ci=[_round(low), _round(high)],
+                     seed_accuracies=[_round(a) for a in per_seed],
+                     seed_sd=_round(per_seed.std(ddof=1) if len(per_seed) > 1 else 0.0))
+    return entry
+
+
+def _difference_entry(a: str, b: str, correct: dict[str, np.ndarray], arms: dict[str, Arm],
+                      resamples: np.ndarray) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": f"{a} - {b}", "a": a, "b": b}
+    missing = [name for name in (a, b) if name not in correct]
+    if missing:
+        return {**entry, "available": False,
+                "why_not": "; ".join(f"no {name} arm: {arms[name].why_not}" for name in missing)}
+    values = correct[a].mean(axis=0) - correct[b].mean(axis=0)  # paired: the same held-out pair in both
+    low, high = bootstrap_interval(values, resamples)
+    return {**entry, "available": True, "difference": _round(values.mean()), "ci": [_round(low), _round(high)],
+            "verdict": verdict(low, high)}
+
+
 def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: EmbeddingSource | None = None,
                     log: Callable[[str], None] = lambda message: None,
                     place: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -410,112 +501,29 @@ def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: Embedd
         raise _error("reward_model: probe needs scikit-learn: pip install 'selfalign[evaluate]'", place)
     has_export = any(getattr(s, "kind", None) == "export" for s in view.stage_configs or []) \
         or any(kind == "export" for _, kind, _, _ in view.stages)
-    arms = make_arms(view.stages, has_export)
-    by_name = {arm.name: arm for arm in arms}
-
-    if settings.eval is not None:
-        held_out = read_eval_data(settings.eval, view.resolve)
-        held_source = {"kind": "eval", "name": settings.eval.describe()}
-    else:
-        human = by_name["human"].frame
-        if human is None:
-            raise _error("this run has no human pairs to hold out; give `eval:` (held-out human preference pairs, "
-                         "e.g. eval: {path: heldout.jsonl, format: hh-rlhf}, or --eval FILE --eval-format F)", place)
-        holdout = settings.holdout or _export_test_size(view.stage_configs) or DEFAULT_HOLDOUT
-        held_out = own_split(human, holdout)
-        held_source = {"kind": "split", "holdout": holdout,
-                       "name": f"the run's own split: human prompts whose hash is below {holdout:g}"}
-    held_out = _pairs(held_out)
+    arms = {arm.name: arm for arm in make_arms(view.stages, has_export)}
+    held_out, how = held_out_pairs(view, settings, arms["human"].frame, place)
+    pools, held_out, how["removed_sharing_a_training_prompt"] = make_disjoint(
+        list(arms.values()), held_out, "held_out" if settings.eval else "arms")
     if held_out.height == 0:
-        fix = ("give `eval:` pairs with chosen and rejected answers" if settings.eval else
-               f"none of the {by_name['human'].frame.height:,} human prompts hashes below {held_source['holdout']:g}; "
-               "raise `holdout:` (e.g. --set holdout=0.3), read more rows, or give `eval:` with held-out pairs")
-        raise _error(f"no held-out pairs ({held_source['name']}): {fix}", place)
-
-    pools, held_out, removed_held = make_disjoint(arms, held_out, "held_out" if settings.eval else "arms")
-    held_source["removed_sharing_a_training_prompt"] = removed_held
-    if held_out.height == 0:
-        raise _error(f"every one of the {removed_held:,} held-out pairs shares a prompt with the run's training rows; "
-                     "give `eval:` pairs from another split (e.g. the test split of the data the run read)", place)
-    usable = [pool for pool in pools if pool.rows.height > 0]
-    for pool in pools:
-        if pool.rows.height == 0:
-            pool.arm.why_not = (f"no training rows left: all {pool.removed:,} share a prompt with the held-out pairs"
-                                if pool.removed else "the arm has no rows")
-    if settings.budget is not None:
-        budget = settings.budget
-        for pool in usable:
-            if pool.rows.height < budget:
-                pool.arm.why_not = (f"{pool.rows.height:,} training rows, fewer than budget {budget:,}; lower "
-                                    "`budget:` to compare it")
-        usable = [pool for pool in usable if pool.rows.height >= budget]
-    else:
-        budget = min((pool.rows.height for pool in usable), default=0)
-    if not usable:
-        reasons = "; ".join(f"{arm.name}: {arm.why_not}" for arm in arms if arm.why_not)
-        raise _error(f"no arm can be trained ({reasons})", place)
-
+        raise _error(f"every one of the {how['removed_sharing_a_training_prompt']:,} held-out pairs shares a prompt "
+                     "with the run's training rows; give `eval:` pairs from another split (e.g. the test split of "
+                     "the data the run read)", place)
+    usable, budget = training_budget(pools, settings, place)
     draws = {pool.arm.name: [draw(pool.rows, budget, settings.seed + s) for s in range(settings.seeds)]
              for pool in usable}
-    feature_stats = None
-    if settings.reward_model == "probe":
-        source = source or embedder_for(settings.embedding, view.resolve)
-        cache = FeatureCache(view.run_dir / FEATURES_FILE)
-        feature_stats = FeatureStats()
-        try:
-            probe = ProbeModel(settings.probe, {})
-            needed = probe.texts(held_out) + [text for frames in draws.values() for frame in frames
-                                              for text in probe.texts(frame)]
-            probe.vectors = features(needed, source, cache, feature_stats, log=log)
-        finally:
-            cache.close()
-            source.close()
-        model = probe
-    else:
-        from .reward_finetune import FinetuneModel
-
-        model = FinetuneModel(settings.finetune, view.resolve, view.run_dir, log)
-
-    correct: dict[str, np.ndarray] = {}   # arm -> seeds x held-out
+    model, feature_stats = reward_model_for(view, settings, [held_out, *(f for fs in draws.values() for f in fs)],
+                                            source, log)
+    correct: dict[str, np.ndarray] = {}   # arm -> seeds x held-out pairs: 1 right, 0 wrong, 1/2 tied
     for name, frames in draws.items():
         log(f"arm {name}: {settings.seeds} x {settings.reward_model} on {budget:,} pairs")
         correct[name] = np.vstack([correctness(model.scores(frame, held_out, settings.seed + s))
                                    for s, frame in enumerate(frames)])
-
     rng = np.random.default_rng(settings.seed)
     resamples = rng.integers(0, held_out.height, size=(settings.bootstrap, held_out.height))
-    per_pair = {name: values.mean(axis=0) for name, values in correct.items()}
-    arm_rows = []
     pool_of = {pool.arm.name: pool for pool in pools}
-    for arm in arms:
-        row: dict[str, Any] = {"name": arm.name, "origin": arm.origin, "available": arm.name in per_pair,
-                               "why_not": arm.why_not if arm.name not in per_pair else None,
-                               "rows": arm.frame.height if arm.frame is not None else 0}
-        pool = pool_of.get(arm.name)
-        if pool is not None:
-            row.update(sharing_a_held_out_prompt=pool.shared, removed=pool.removed, training_rows=pool.rows.height)
-        if arm.name in per_pair:
-            low, high = bootstrap_interval(per_pair[arm.name], resamples)
-            seed_accuracy = correct[arm.name].mean(axis=1)
-            row.update(budget=budget, accuracy=_round(per_pair[arm.name].mean()), ci=[_round(low), _round(high)],
-                       seed_accuracies=[_round(a) for a in seed_accuracy],
-                       seed_sd=_round(seed_accuracy.std(ddof=1) if len(seed_accuracy) > 1 else 0.0))
-        arm_rows.append(row)
-    differences = []
-    for a, b in DIFFERENCES:
-        entry: dict[str, Any] = {"name": f"{a} - {b}", "a": a, "b": b}
-        missing = [name for name in (a, b) if name not in per_pair]
-        if missing:
-            entry.update(available=False, why_not="; ".join(f"no {name} arm: {by_name[name].why_not}"
-                                                           for name in missing))
-        else:
-            values = per_pair[a] - per_pair[b]
-            low, high = bootstrap_interval(values, resamples)
-            entry.update(available=True, difference=_round(values.mean()), ci=[_round(low), _round(high)],
-                         verdict=verdict(low, high))
-        differences.append(entry)
     reward_model: dict[str, Any] = {"kind": settings.reward_model}
-    if settings.reward_model == "probe":
+    if feature_stats is not None:
         reward_model.update(settings.probe.model_dump(), embedding=feature_stats.identity)
     else:
         reward_model.update(settings.finetune.model_dump(exclude={"model"}), model=Path(settings.finetune.model).name)
@@ -525,13 +533,14 @@ def evaluate_stages(view: RunView, settings: EvaluateSettings, *, source: Embedd
         "run_state": view.state,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "reward_model": reward_model,
-        "held_out": {**held_source, "pairs": held_out.height},
+        "held_out": {**how, "pairs": held_out.height},
         "budget": budget,
         "seeds": settings.seeds,
         "bootstrap": settings.bootstrap,
         "confidence": 0.95,
-        "arms": arm_rows,
-        "differences": differences,
+        "arms": [_arm_entry(arm, pool_of.get(name), correct.get(name), budget, resamples)
+                 for name, arm in arms.items()],
+        "differences": [_difference_entry(a, b, correct, arms, resamples) for a, b in DIFFERENCES],
         "features": feature_stats.as_dict() if feature_stats is not None else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
