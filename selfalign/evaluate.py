@@ -647,15 +647,22 @@ def evaluate_run_dir(run_dir: str | Path, settings: EvaluateSettings | None = No
     from . import publish, report
     from .atomic import write_json
     from .check import resolve_path
+    from .config import load_pipeline
     from .runner import RunLock
 
     run_dir = Path(run_dir)
     data = report.load_run(run_dir)  # every stage's kept and dropped rows; refuses an unfinished run
     run = publish.load_run(run_dir)  # the pipeline's validated stages, when its YAML still loads
+    stages = run.stages
+    if run.loaded is not None and data.manifest.get("overrides"):
+        try:  # the stages as the run had them: its --set overrides (test_size, an evaluate stage's settings)
+            stages = load_pipeline(run.loaded.path, data.manifest["overrides"]).pipeline.stages
+        except SelfalignError:
+            pass
     if settings is None:
-        settings = settings_with(settings_from_run(run.stages), list(overrides))
+        settings = settings_with(settings_from_run(stages), list(overrides))
     pipeline_path = run.loaded.path if run.loaded is not None else run_dir / "pipeline.yaml"
-    view = RunView(run.name, run_dir, data.stages, run.stages, lambda value: resolve_path(value, pipeline_path),
+    view = RunView(run.name, run_dir, data.stages, stages, lambda value: resolve_path(value, pipeline_path),
                    run_state(data.manifest.get("config_sha256"), data.manifest.get("rows_out")))
     with RunLock(run_dir):
         result = evaluate_stages(view, settings, source=source, log=log)

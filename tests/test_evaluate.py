@@ -306,3 +306,7 @@ def test_the_report_says_when_the_evaluation_is_older_than_the_run(data, tmp_pat
                  backend_overrides={"critic": FakeBackend(responder=critic)})
     assert "evaluation" not in json.loads((run_dir / "manifest.json").read_text())
     assert "made before the run's latest <code>selfalign run</code>" in write_report(run_dir).read_text()
+    # evaluated again: current, and the own split follows the run's --set test_size, as its export did
+    again = evaluate_run_dir(run_dir, overrides=["seeds=1"], source=PlantedEmbedder())
+    assert again["held_out"]["holdout"] == 0.3
+    assert "made before the run's latest" not in write_report(run_dir).read_text()
