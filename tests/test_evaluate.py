@@ -310,3 +310,32 @@ def test_the_report_says_when_the_evaluation_is_older_than_the_run(data, tmp_pat
     again = evaluate_run_dir(run_dir, overrides=["seeds=1"], source=PlantedEmbedder())
     assert again["held_out"]["holdout"] == 0.3
     assert "made before the run's latest" not in write_report(run_dir).read_text()
+
+
+def test_the_embedded_model_embeds_a_batch_as_it_embeds_each_text(tmp_path):
+    """The bundled model through llama.cpp (a real forward pass in the fast suite): mean-pooled vectors of its
+    hidden size, the same for a text whether it shares a decode with others or not, cached by text."""
+    import numpy as np
+
+    from selfalign.embeddings import FeatureCache, FeatureStats, LlamaCppEmbedding, embedder_for, features
+
+    texts = ["user: Is it safe to eat raw cookie dough?\n\nassistant: It can carry salmonella; bake it first.",
+             "user: hi\n\nassistant: Hello! How can I help?", "assistant: " + "a long answer " * 40]  # > n_ctx
+    source = embedder_for(LlamaCppEmbedding(n_ctx=64, n_seq=3))
+    try:
+        together = np.array(source.embed(texts))
+        alone = np.array([source.embed([text])[0] for text in texts])
+    finally:
+        source.close()
+    assert together.shape == (3, 576) and np.isfinite(together).all()
+    cosine = (together * alone).sum(1) / np.linalg.norm(together, axis=1) / np.linalg.norm(alone, axis=1)
+    assert (cosine > 0.9999).all(), cosine
+    assert np.linalg.norm(together[0] - together[1]) > 0.1 * np.linalg.norm(together[0])  # texts differ
+    cache = FeatureCache(tmp_path / "features.sqlite")
+    first, again, planted = FeatureStats(), FeatureStats(), FeatureStats()
+    vectors = features(texts[:2] + texts[:1], source, cache, first)  # a repeated text is embedded once
+    reread = features(texts[:2], source, FeatureCache(tmp_path / "features.sqlite"), again)  # reopened file
+    features(texts[:2], PlantedEmbedder(), cache, planted)  # another source's vectors are its own
+    cache.close()
+    assert (first.computed, again.computed, again.cached, planted.computed) == (2, 0, 2, 2)
+    assert np.array_equal(reread[texts[0]], vectors[texts[0]])
