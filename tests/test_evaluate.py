@@ -339,3 +339,35 @@ def test_the_embedded_model_embeds_a_batch_as_it_embeds_each_text(tmp_path):
     cache.close()
     assert (first.computed, again.computed, again.cached, planted.computed) == (2, 0, 2, 2)
     assert np.array_equal(reread[texts[0]], vectors[texts[0]])
+
+
+def judge(request) -> str:
+    """A pairwise judge with the critic's blind spot: right on kind-a pairs, reversed on kind-b pairs, in both
+    orders (so never position-inconsistent)."""
+    text = request.messages[-1]["content"]
+    a = re.search(r"<<[ab][+-]>>", text.split("Answer A:")[1].split("Answer B:")[0]).group(0)
+    a_wins = a in ("<<a+>>", "<<b->>")
+    return json.dumps({"reasoning": "compared", "winner": "A" if a_wins else "B"})
+
+
+def test_a_judge_pipeline_makes_its_arms_from_the_verdicts(data, tmp_path):
+    pipeline = tmp_path / "judged.yaml"
+    pipeline.write_text(f"""\
+schema_version: 1
+name: judged
+models:
+  j: {{backend: fake}}
+stages:
+  - {{kind: load, path: {data['train']}, format: trl}}
+  - {{kind: judge, model: j}}
+  - {{kind: export}}
+""")
+    run_pipeline(load_pipeline(pipeline), output=tmp_path / "run", quiet=True,
+                 backend_overrides={"j": FakeBackend(responder=judge)})
+    result = evaluate_run_dir(tmp_path / "run", overrides=eval_settings(data, sets=["seeds=2"]),
+                              source=PlantedEmbedder())
+    by_name = arms(result)
+    assert "judge's verdict" in by_name["synthetic"]["origin"] and by_name["synthetic"]["rows"] == TRAIN_PAIRS
+    assert "judge kept" in by_name["filtered"]["origin"]
+    assert {name: arm["accuracy"] for name, arm in by_name.items()} == {
+        "human": 1.0, "synthetic": 0.7, "filtered": 0.85, "final": 0.85}
