@@ -290,15 +290,21 @@ def make_disjoint(arms: list[Arm], held_out: pl.DataFrame, remove_from: Literal[
         left = set(rows["_prompt"].to_list()) & clean_keys
         if left:  # cannot happen; the check is the promise, so it is made, not assumed
             raise RuntimeError(f"arm {arm.name}: {len(left)} held-out prompts are still in the training rows")
+        # A pair's identity whichever answer it prefers: the synthetic arm's copy of a human pair is the same pair.
         rows = rows.with_columns(_pair=pl.Series(
-            [hashlib.sha256(f"{p}\0{c}\0{r}".encode()).hexdigest() for p, c, r in
+            [hashlib.sha256("\0".join([p, *sorted((c, r))]).encode()).hexdigest() for p, c, r in
              rows.select("_prompt", "chosen", "rejected").iter_rows()], dtype=pl.Utf8))
         pools.append(Pool(arm, rows, shared, keyed.height - rows.height))
     return pools, clean.drop("_prompt"), removed_held
 
 
 def draw(rows: pl.DataFrame, budget: int, seed: int) -> pl.DataFrame:
-    """`budget` rows by a seeded, order-independent shuffle (the same rows whatever order the pool is in)."""
+    """`budget` rows by a seeded, order-independent shuffle (the same rows whatever order the pool is in).
+
+    Every arm ranks a pair alike for a seed (common random numbers): where two arms hold the same pair, with the
+    same label or not, one draws it whenever the other would at that point of its ranking. Arms then differ in
+    their labels and in what their filters removed, not in the luck of the draw, which tightens the paired
+    differences; and their answers' features are shared, so fewer texts are embedded."""
     ranks = [hashlib.sha256(f"{seed}:{key}".encode()).hexdigest() for key in rows["_pair"].to_list()]
     return rows.with_columns(_rank=pl.Series(ranks, dtype=pl.Utf8)).sort("_rank").head(budget).drop("_rank")
 
