@@ -98,8 +98,9 @@ def test_probe_on_the_embedded_model_runs_resumes_for_free_and_is_honest(hh_run,
     assert capsys.readouterr().out == first_out
 
 
-@pytest.mark.slow
-def test_finetune_trains_a_tiny_reward_model_on_cpu(hh_run, tmp_path, capfd):
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama reward model (one label) with SmolLM2's tokenizer, saved locally."""
     pytest.importorskip("trl")
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
@@ -112,11 +113,15 @@ def test_finetune_trains_a_tiny_reward_model_on_cpu(hh_run, tmp_path, capfd):
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048, num_labels=1,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    folder = tmp_path / "tiny-reward-model"
+    folder = tmp_path_factory.mktemp("models") / "tiny-reward-model"
     AutoModelForSequenceClassification.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    return folder
 
-    finetune = {"model": str(folder), "steps": 4, "batch_size": 4, "max_length": 256, "learning_rate": 1e-3}
+
+@pytest.mark.slow
+def test_finetune_trains_a_tiny_reward_model_on_cpu(hh_run, tiny_model, capfd):
+    finetune = {"model": str(tiny_model), "steps": 4, "batch_size": 4, "max_length": 256, "learning_rate": 1e-3}
     settings = ["reward_model=finetune", f"finetune={json.dumps(finetune)}", "seeds=2", "holdout=0.25"]
     result = evaluate.evaluate_run_dir(hh_run, overrides=settings)
     assert result["reward_model"]["kind"] == "finetune" and result["reward_model"]["steps"] == 4
@@ -130,3 +135,20 @@ def test_finetune_trains_a_tiny_reward_model_on_cpu(hh_run, tmp_path, capfd):
     assert not list(hh_run.glob(".finetune-*"))  # the trainer's scratch folders are gone
     out, err = capfd.readouterr()
     assert "train_runtime" not in out and "Tokenizing" not in err  # no library chatter
+
+
+@pytest.mark.slow
+def test_probe_on_a_local_transformers_model(hh_run, tiny_model, tmp_path):
+    """embedding.source transformers: the tiny model's mean-pooled hidden states (its base model), cached."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(hh_run, run_dir)
+    (run_dir / "features.sqlite").unlink(missing_ok=True)
+    settings = [f"embedding={json.dumps({'source': 'transformers', 'path': str(tiny_model), 'batch_size': 8})}",
+                "seeds=2", "holdout=0.25"]
+    result = evaluate.evaluate_run_dir(run_dir, overrides=settings)
+    assert result["features"]["dims"] == 32 and result["features"]["computed"] == result["features"]["texts"] > 0
+    assert result["features"]["source"]["model"] == "tiny-reward-model"
+    again = evaluate.evaluate_run_dir(run_dir, overrides=settings)
+    assert again["features"]["computed"] == 0 and again["arms"] == result["arms"]
