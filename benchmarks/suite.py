@@ -12,6 +12,7 @@ measured in the same run, on the same machine. Cases (see each module's docstrin
 6. ray       (case_ray.py)      rows/s with 1 vs 2 Ray worker processes (two-node cluster on 127.0.0.x)
 7. decontaminate (case_decontaminate.py) rows/s at 100k and 1M rows vs 3,000 prompts, vs a naive n-gram loop
 8. dedupe    (case_dedupe.py)   MinHash LSH on 100k prompts: rensa (shipped) vs datasketch, recall on planted pairs
+9. evaluate  (case_evaluate.py) `selfalign evaluate` probe: s per 1,000 pairs, features cached vs not
 
 `--quick` shrinks every case (a few minutes in all). `--cases overhead scale` runs a subset.
 """
@@ -30,7 +31,7 @@ from typing import Any, Callable
 from .measure import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CASES = ("overhead", "engine", "vllm", "scale", "ray", "decontaminate", "dedupe")
+CASES = ("overhead", "engine", "vllm", "scale", "ray", "decontaminate", "dedupe", "evaluate")
 
 
 def log(message: str) -> None:
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     repeats = args.repeats or (1 if quick else 2)
 
-    from . import case_decontaminate, case_dedupe, case_engine, case_overhead, case_ray, case_scale, case_vllm
+    from . import (case_decontaminate, case_dedupe, case_engine, case_evaluate, case_overhead, case_ray, case_scale,
+                   case_vllm)
 
     started = time.time()
     info = machine()
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                                     repeats=1 if quick else repeats, log=log),
         "decontaminate": lambda: case_decontaminate.run((10_000, 100_000) if quick else (100_000, 1_000_000), log=log),
         "dedupe": lambda: case_dedupe.run(20_000 if quick else 100_000, 500 if quick else 2_000, log=log),
+        "evaluate": lambda: case_evaluate.run(pairs=60 if quick else 300, repeats=1, log=log),
     }
     for name in CASES:
         if name in args.cases:

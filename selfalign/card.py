@@ -23,6 +23,7 @@ from . import calibration
 from .manifest import Manifest
 from .markup import fence, markdown_inline, markdown_table, shorten
 from .metrics import AGREEMENT_AFTER, AGREEMENT_BEFORE, CRITIQUES_BEFORE, CRITIQUES_KEPT
+from .evaluate_view import card_section
 from .trainer_formats import LENGTHS_NOTE, MARGIN_FORMATS, MARGIN_NOTE, USAGE, length_rows
 
 TAGS = ["selfalign", "preference"]  # true of every push; tags() adds the ones the pushed data supports
@@ -406,7 +407,7 @@ def card_body(inputs: CardInputs, images: dict[str, str]) -> str:
                 _funnel_section(inputs),
                 _sources_section(inputs), _calibration_section(inputs), _agreement_section(inputs),
                 _scores_section(inputs, images),
-                _lengths_section(inputs), _examples_section(inputs)]
+                _lengths_section(inputs), card_section(inputs.manifest), _examples_section(inputs)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 

@@ -63,6 +63,9 @@ def check_pipeline(loaded: LoadedPipeline) -> list[ConfigError]:
             for where, message in stage.local_set_problems(lambda value: resolve_path(value, loaded.path)):
                 errors.append(ConfigError(message, **loaded.place("stages", index, *where), stage=index,
                                           kind=stage.kind, field=".".join(map(str, where))))
+        if stage.kind == "evaluate":
+            from .stages.evaluate import check_evaluate
+            check_evaluate(pipeline.stages, index, lambda value: resolve_path(value, loaded.path), error)
         if stage.kind == "publish" and not stage.hub.language:
             # The push would refuse a card without it; say so now, before any model call is paid for.
             error("the dataset card needs the data's language: add `language: [en]` (ISO 639 codes) under hub:",
@@ -88,9 +91,9 @@ def _check_budget_prices(loaded: LoadedPipeline, models: dict) -> list[ConfigErr
                         **loaded.place("budget", "max_usd"), field="budget.max_usd")]
 
 
-# What may follow an export: publish pushes the same rows. Any other stage would change rows the export has
-# already written, so the run's result (dataset/, export/) would not hold them.
-AFTER_EXPORT = {"publish"}
+# What may follow an export: publish pushes the same rows (evaluate measures them). Any other stage would change
+# rows the export has already written, so the run's result (dataset/, export/) would not hold them.
+AFTER_EXPORT = {"publish", "evaluate"}
 
 
 def _check_export_order(stages: list, index: int, error) -> None:

@@ -146,6 +146,17 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import arms_table
+    from .evaluate_run import evaluate_run_dir, flag_overrides
+    from .progress import Progress
+
+    result = evaluate_run_dir(args.run_dir, overrides=flag_overrides(args) + (args.set or []),
+                              log=Progress(args.quiet).log)
+    print(arms_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfalign", description="Make preference data with a model judging "
                                      "itself, checked against human labels.")
@@ -232,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--dropped", metavar="REASON", help="rows dropped with this reason (exact, else substring)")
     inspect.add_argument("--limit", type=int, default=3, help="rows to show (default 3)")
     inspect.set_defaults(func=cmd_inspect)
+
+    evaluate = sub.add_parser("evaluate", help="train a reward model per arm (human, synthetic, filtered, final) "
+                              "and score it on held-out human pairs; writes RUN_DIR/evaluate.json")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory, e.g. outputs/<pipeline name>")
+    evaluate.add_argument("--eval", metavar="FILE|hf:ID", help="held-out human pairs (default: the run's own split)")
+    evaluate.add_argument("--eval-format", choices=["hh-rlhf", "trl"], help="how --eval's pairs are written")
+    evaluate.add_argument("--reward-model", choices=["probe", "finetune"], help="default: probe")
+    evaluate.add_argument("--seeds", type=positive_int, metavar="N", help="draws of the budget per arm (default 5)")
+    evaluate.add_argument("--budget", type=positive_int, metavar="N", help="pairs per arm (default: the smallest arm's count)")
+    evaluate.add_argument("--set", action="append", metavar="PATH=VALUE",
+                          help="any setting, e.g. --set embedding.n_threads=2 or --set holdout=0.2")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress output")
+    evaluate.set_defaults(func=cmd_evaluate)
+
     return parser
 
 

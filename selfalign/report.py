@@ -328,7 +328,7 @@ EXPLAIN = {
 
 NAV = {"summary": "Run", "funnel": "Funnel", "scores": "Scores", "agreement": "Agreement",
        "position_consistency": "Position consistency", "length_bias": "Length bias", "category": "Categories",
-       "cost": "Tokens & time", "lengths": "Lengths", "samples": "Samples",
+       "cost": "Tokens & time", "lengths": "Lengths", "evaluation": "Evaluation", "samples": "Samples",
        "calibration": "Calibration"}
 
 
@@ -356,6 +356,8 @@ def build_html(run: RunData, rendered: list[Plot]) -> str:
     lengths = _lengths_html(run.manifest)
     if lengths:
         sections.append(("lengths", "Sequence lengths", lengths))
+    from .evaluate_view import report_sections
+    sections.extend(report_sections(run.run_dir, run.manifest))  # the reward-model evaluation, when there is one
     sections.append(("samples", "Sample pairs", _samples_html(run)))
     nav = "".join(f'<a href="#{sid}">{esc(NAV.get(sid, title))}</a>' for sid, title, _ in sections)
     body = "".join(f'<section id="{sid}"><h2>{esc(title)}</h2>{content}</section>' for sid, title, content in sections)

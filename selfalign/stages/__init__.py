@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 from . import consistency, critique, export, feedback, filter, generate, judge, load, mix, pair, publish, refine
-from . import decontaminate, dedupe
+from . import decontaminate, dedupe, evaluate
 from .base import StageConfig
 
 
@@ -41,6 +41,7 @@ STAGES: dict[str, Stage] = {
     "mix": Stage(mix.MixConfig, mix.run),
     "export": Stage(export.ExportConfig, export.run),
     "publish": Stage(publish.PublishConfig, publish.run),
+    "evaluate": Stage(evaluate.EvaluateConfig, evaluate.run),
 }
 
 
