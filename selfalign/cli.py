@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-format", choices=["hh-rlhf", "trl"], help="how --eval's pairs are written")
     evaluate.add_argument("--reward-model", choices=["probe", "finetune"], help="default: probe")
     evaluate.add_argument("--seeds", type=positive_int, metavar="N", help="draws of the budget per arm (default 5)")
-    evaluate.add_argument("--budget", type=positive_int, metavar="N", help="pairs per arm (default: the smallest arm's count)")
+    evaluate.add_argument("--budget", type=positive_int, metavar="N",
+                          help="pairs per arm (default: the smallest arm's count)")
     evaluate.add_argument("--set", action="append", metavar="PATH=VALUE",
                           help="any setting, e.g. --set embedding.n_threads=2 or --set holdout=0.2")
     evaluate.add_argument("--quiet", action="store_true", help="no progress output")
