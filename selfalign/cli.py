@@ -94,7 +94,8 @@ def cmd_render(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import arms_table, evaluate_run_dir, flag_overrides
+    from .evaluate import evaluate_run_dir, flag_overrides
+    from .evaluate_view import arms_table
     from .progress import Progress
 
     result = evaluate_run_dir(args.run_dir, overrides=flag_overrides(args) + (args.set or []),
