@@ -147,8 +147,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import arms_table
     from .evaluate_run import evaluate_run_dir, flag_overrides
+    from .evaluate_view import arms_table
     from .progress import Progress
 
     result = evaluate_run_dir(args.run_dir, overrides=flag_overrides(args) + (args.set or []),

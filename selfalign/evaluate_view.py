@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .evaluate import RESULT_FILE, disjointness_note, evaluation_of, is_current
+from .evaluate import RESULT_FILE, evaluation_of, is_current
 
 # Okabe-Ito, as plots.py: arms in one colour each, the same in every plot.
 COLOURS = {"human": "#0072B2", "synthetic": "#D55E00", "filtered": "#009E73", "final": "#CC79A7"}
@@ -103,7 +103,8 @@ def report_sections(run_dir: Path, manifest: dict[str, Any]) -> list[tuple[str, 
     parts = [stale, f"<p>{_esc(HOW_TO_READ)}</p>",
              f'<img src="data:image/png;base64,{image}" alt="reward-model accuracy per arm" data-file="{png.name}">',
              f"<p>Held out: {held['pairs']:,} human pairs ({_esc(held['name'])}), prompt-disjoint from every arm's "
-             f"training rows ({_esc(disjointness_note(result))}). Budget {result['budget']:,} pairs per arm, {result['seeds']} seeds, "
+             f"training rows ({_esc(disjointness_note(result))}). Budget {result['budget']:,} pairs per arm, "
+             f"{result['seeds']} seeds, "
              f"{result['bootstrap']:,} bootstrap resamples. Reward model: <code>{_esc(result['reward_model']['kind'])}"
              "</code>.</p>"]
     head = ["arm", "accuracy", "95% interval", "seed sd", "rows", "sharing a held-out prompt", "training rows",
@@ -147,9 +148,49 @@ def card_section(manifest: dict[str, Any]) -> str:
              f"A `{evaluation['reward_model']}` reward model was trained on each arm with the same budget "
              f"({evaluation['budget']:,} pairs, {evaluation['seeds']} seeds) and scored on {held['pairs']:,} held-out "
              f"human pairs ({held['name']}), prompt-disjoint from the training rows; 95% bootstrap intervals.", "",
-             "| arm | accuracy | 95% interval | trained on (of training rows) |", "| --- | --- | --- | --- |", *rows, ""]
+             "| arm | accuracy | 95% interval | trained on (of training rows) |", "| --- | --- | --- | --- |",
+             *rows, ""]
     for name, d in evaluation["differences"].items():
         lines.append(f"- {name}: {d['difference']:+.3f} {_interval(d['ci'], True)}, {d['verdict']}" if "difference" in d
                      else f"- {name}: not measured ({d['why_not']})")
     lines += [f"- {line}" for line in missing]
+    return "\n".join(lines)
+
+
+def disjointness_note(result: dict[str, Any]) -> str:
+    """One sentence on how the held-out pairs were kept apart from the training rows."""
+    held = result["held_out"]
+    if held["kind"] == "eval":
+        return (f"{held['removed_sharing_a_training_prompt']:,} eval pairs shared a prompt with the run's rows and "
+                "were left out of the held-out pairs; every arm trains on its own rows")
+    return "rows sharing a prompt with a held-out pair were taken out of every arm's training rows"
+
+
+def arms_table(result: dict[str, Any]) -> str:
+    """The arms as a plain-text table, with the differences and where each arm comes from (or why not)."""
+    held = result["held_out"]
+    lines = [f"held-out: {held['pairs']:,} human pairs ({held['name']}); budget {result['budget']:,} pairs per arm, "
+             f"{result['seeds']} seeds; reward model: {result['reward_model']['kind']}",
+             f"prompt-disjoint: {disjointness_note(result)}"]
+    header = ("arm", "accuracy", "95% interval", "seed sd", "rows", "shared prompt", "training rows", "trained on")
+    rows = []
+    for arm in result["arms"]:
+        if arm["available"]:
+            low, high = arm["ci"]
+            rows.append((arm["name"], f"{arm['accuracy']:.3f}", f"[{low:.3f}, {high:.3f}]", f"{arm['seed_sd']:.3f}",
+                         f"{arm['rows']:,}", f"{arm['sharing_a_held_out_prompt']:,}", f"{arm['training_rows']:,}",
+                         f"{arm['budget']:,}"))
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)  # noqa: E731
+                              for i, (v, w) in enumerate(zip(r, widths)))
+    lines += [fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
+    for d in result["differences"]:
+        if d["available"]:
+            low, high = d["ci"]
+            lines.append(f"{d['name']}: {d['difference']:+.3f} [{low:+.3f}, {high:+.3f}] {d['verdict']}")
+        else:
+            lines.append(f"{d['name']}: not measured ({d['why_not']})")
+    for arm in result["arms"]:
+        lines.append(f"{arm['name']}: {arm['origin']}" if arm["available"] else
+                     f"no {arm['name']} arm: {arm['why_not']}")
     return "\n".join(lines)

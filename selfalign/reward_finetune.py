@@ -14,12 +14,26 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import polars as pl
+from pydantic import Field
 
 from .errors import RunError
+from .config_base import Strict
+
+
+class FinetuneSettings(Strict):
+    """TRL's RewardTrainer on a small model for a fixed number of steps, a fresh copy per arm and seed."""
+
+    model: str = Field(description="a local model folder (weights, config, tokenizer with a chat template), "
+                                   "loaded as AutoModelForSequenceClassification with one label")
+    steps: int = Field(100, ge=1, le=1_000_000, description="optimizer steps per arm and seed")
+    batch_size: int = Field(8, ge=1, le=4096, description="pairs per step")
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="AdamW learning rate")
+    max_length: int = Field(512, ge=16, description="tokens per conversation; longer ones keep their end")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when there is one")
 
 
 @contextlib.contextmanager

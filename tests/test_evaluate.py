@@ -21,12 +21,13 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from selfalign import evaluate
+from selfalign import evaluate, evaluate_arms, evaluate_view
 from selfalign.backends.fake import FakeBackend
 from selfalign.cli import main
 from selfalign.config import load_pipeline
 from selfalign.errors import ConfigErrors
-from selfalign.evaluate import EvaluateSettings, make_disjoint, prompt_key
+from selfalign.evaluate import EvaluateSettings
+from selfalign.evaluate_arms import make_disjoint, prompt_key
 from selfalign.evaluate_run import evaluate_run_dir
 from selfalign.finished_run import load_run
 from selfalign.runner import run_pipeline
@@ -150,8 +151,8 @@ def test_training_rows_are_prompt_disjoint_from_the_held_out_pairs(data, planted
     from selfalign import report
 
     run = report.load_run(planted_run)
-    arm_list = evaluate.make_arms(run.stages, has_export=True)
-    held_out = evaluate.read_eval_data(EvaluateSettings.model_validate(
+    arm_list = evaluate_arms.make_arms(run.stages, has_export=True)
+    held_out = evaluate_arms.read_eval_data(EvaluateSettings.model_validate(
         {"eval": {"path": str(data["eval"]), "format": "trl"}}).eval, Path)
     assert held_out.height == EVAL_A + EVAL_B + OVERLAP
     for remove_from in ("held_out", "arms"):
@@ -253,7 +254,7 @@ stages:
     assert "pair" in by_name["synthetic"]["origin"]
     differences = {d["name"]: d for d in result["differences"]}
     assert not differences["final - human"]["available"] and "no human arm" in differences["final - human"]["why_not"]
-    assert "no human arm: the input has no human pairs" in evaluate.arms_table(result)
+    assert "no human arm: the input has no human pairs" in evaluate_view.arms_table(result)
 
 
 def test_bad_settings_name_the_set_and_the_fix(planted_run):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from selfalign import evaluate, evaluate_run
+from selfalign import evaluate, evaluate_arms, evaluate_run
 from selfalign.cli import main
 from selfalign.config import load_pipeline
 from selfalign.runner import run_pipeline
@@ -76,7 +76,7 @@ def test_probe_on_the_embedded_model_runs_resumes_for_free_and_is_honest(hh_run,
     held = result["held_out"]["pairs"]
     assert held >= 30
     by_name = {arm["name"]: arm for arm in result["arms"]}
-    assert all(by_name[name]["available"] for name in evaluate.ARMS)
+    assert all(by_name[name]["available"] for name in evaluate_arms.ARMS)
     assert len({arm["budget"] for arm in by_name.values()}) == 1
     for arm in by_name.values():
         low, high = arm["ci"]
@@ -127,7 +127,7 @@ def test_finetune_trains_a_tiny_reward_model_on_cpu(hh_run, tiny_model, capfd):
     assert result["reward_model"]["kind"] == "finetune" and result["reward_model"]["steps"] == 4
     assert result["features"] is None
     by_name = {arm["name"]: arm for arm in result["arms"]}
-    assert all(by_name[name]["available"] for name in evaluate.ARMS)
+    assert all(by_name[name]["available"] for name in evaluate_arms.ARMS)
     assert len({arm["budget"] for arm in by_name.values()}) == 1
     for arm in by_name.values():
         assert arm["ci"][0] <= arm["accuracy"] <= arm["ci"][1]
